@@ -36,7 +36,7 @@ def parse_bytes(value: int | float | str | None) -> int | None:
     return parse_bytes(float(match.group(1)) * _UNITS[match.group(2).upper()])
 
 
-def human(n_bytes: float) -> str:
+def human(n_bytes: int | float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n_bytes < 1024:
             return f"{n_bytes:.0f} {unit}" if unit == "B" else f"{n_bytes:.1f} {unit}"

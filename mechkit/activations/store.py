@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -84,7 +85,9 @@ class ActivationSet:
             raise FileNotFoundError(f"{path} is not a complete activation set{hint}")
         meta = json.loads((path / "meta.json").read_text())
         mode = "r" if mmap else None
-        acts = {h: torch.from_numpy(np.load(path / _file_name(h), mmap_mode=mode)) for h in meta["hooks"]}
+        with warnings.catch_warnings():  # read-only memory maps: torch warns they are not writable
+            warnings.simplefilter("ignore", UserWarning)
+            acts = {h: torch.from_numpy(np.load(path / _file_name(h), mmap_mode=mode)) for h in meta["hooks"]}
         return cls(acts, meta["positions"], meta["examples"], torch.from_numpy(np.load(path / "token_ids.npy")),
                    {int(k): v for k, v in meta["dropped"].items()}, Provenance.from_dict(meta["provenance"]), path)
 

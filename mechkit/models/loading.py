@@ -43,7 +43,8 @@ class ModelInfo:
     _weights_hash: str | None = field(default=None, repr=False)
 
     def weights_hash(self, model: torch.nn.Module) -> str:
-        if self._weights_hash is None:
+        """Hash of the weights as loaded (taken before the bridge wrapped the HF modules)."""
+        if self._weights_hash is None:  # a model mechkit did not load: hash what is there
             self._weights_hash = hash_state_dict(model)
         return self._weights_hash
 
@@ -78,9 +79,12 @@ def tokenizer_prepends_bos(tokenizer) -> bool:
     return bool(ids) and ids[0] == bos
 
 
-def _boot(hf_model, tokenizer, name: str, device, dtype: torch.dtype) -> TransformerBridge:
-    # Read before booting: the bridge swaps in a tokenizer that always adds BOS.
+def _boot(hf_model, tokenizer, name: str, device, dtype: torch.dtype, weights_hash: str | None = None) -> TransformerBridge:
+    # Read before booting: the bridge swaps in a tokenizer that always adds BOS, and wraps
+    # the HF modules (renaming every parameter), so hash the weights now.
     prepend_bos = tokenizer_prepends_bos(tokenizer)
+    if weights_hash is None:
+        weights_hash = hash_state_dict(hf_model.to(dtype=dtype))
     if not getattr(hf_model.config, "architectures", None):
         hf_model.config.architectures = [type(hf_model).__name__]
     hf_model = hf_model.to(dtype=dtype)
@@ -93,10 +97,12 @@ def _boot(hf_model, tokenizer, name: str, device, dtype: torch.dtype) -> Transfo
     )
     bridge.eval()
     bridge.mechkit_prepend_bos = prepend_bos
+    bridge.mechkit_weights_hash = weights_hash
     return bridge
 
 
 def _load_folder(folder: Path, name: str, device, dtype: torch.dtype) -> TransformerBridge:
+    """Load an HF folder; a hash recorded in its mechkit.json (float32) saves rehashing."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if not (folder / "config.json").exists():
@@ -106,7 +112,8 @@ def _load_folder(folder: Path, name: str, device, dtype: torch.dtype) -> Transfo
         )
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     hf_model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
-    return _boot(hf_model, tokenizer, str(folder), device, dtype)
+    known = read_meta(folder).get("weights_hash") if dtype == torch.float32 else None
+    return _boot(hf_model, tokenizer, str(folder), device, dtype, known)
 
 
 def _ensure_bundled(name: str) -> Path:
@@ -196,19 +203,16 @@ def load_model(
     if name in BUNDLED:
         folder = _ensure_bundled(name)
         bridge, info = _load_folder(folder, name, device, dtype), ModelInfo(name, "bundled", BUNDLED[name].chat, str(folder))
-        info._weights_hash = read_meta(folder).get("weights_hash") if dtype == torch.float32 else None
     elif name in cached:
         folder = cached[name]
         meta = read_meta(folder)
         bridge = _load_folder(folder, name, device, dtype)
         info = ModelInfo(name, meta.get("kind", "cached"), bool(meta.get("chat")), str(folder))
-        info._weights_hash = meta.get("weights_hash") if dtype == torch.float32 else None
     elif path.exists():
         if path.is_file() and path.suffix == ".gguf":
             folder = _converted_gguf_folder(path)
             bridge = _load_folder(folder, path.stem, device, dtype)
             info = ModelInfo(path.stem, "gguf", False, str(path))
-            info._weights_hash = read_meta(folder).get("weights_hash") if dtype == torch.float32 else None
         elif path.is_dir():
             bridge = _load_folder(path, path.name, device, dtype)
             info = ModelInfo(path.name, "folder", False, str(path))
@@ -226,6 +230,7 @@ def load_model(
         raise unknown_model_error(name)
     info.chat = info.chat and bool(getattr(bridge.tokenizer, "chat_template", None))
     info.prepend_bos = getattr(bridge, "mechkit_prepend_bos", True)
+    info._weights_hash = getattr(bridge, "mechkit_weights_hash", None)
     bridge.mechkit = info
     bridge.mechkit_load_seconds = time.perf_counter() - started
     return bridge

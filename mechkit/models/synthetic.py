@@ -100,12 +100,8 @@ class TinyConfig:
         )
 
 
-def tiny_model(arch: str = "llama", *, words: list[str] | None = None, **shape: int) -> TransformerBridge:
-    """Build a seeded random tiny model of ``arch`` with a word-level tokenizer.
-
-    The vocabulary is ``<pad> <bos> <eos> <unk>`` followed by ``words`` (default
-    :func:`word_vocabulary`), so ``vocab_size`` is ``4 + len(words)``.
-    """
+def tiny_hf_model(arch: str = "llama", *, words: list[str] | None = None, **shape: int):
+    """The Hugging Face model, tokenizer and config behind :func:`tiny_model` (not yet bridged)."""
     from transformers import AutoModelForCausalLM
 
     words = words if words is not None else word_vocabulary(shape.pop("vocab_size", 64) - len(SPECIAL_TOKENS))
@@ -117,10 +113,19 @@ def tiny_model(arch: str = "llama", *, words: list[str] | None = None, **shape: 
         for name, param in hf_model.named_parameters():
             if param.ndim == 2:
                 param.normal_(0.0, 1.0 / param.shape[-1] ** 0.5 if "embed" not in name and "wte" not in name else 1.0)
-    tokenizer = tiny_tokenizer(words)
+    return hf_model, tiny_tokenizer(words), config
+
+
+def tiny_model(arch: str = "llama", *, words: list[str] | None = None, **shape: int) -> TransformerBridge:
+    """Build a seeded random tiny model of ``arch`` with a word-level tokenizer.
+
+    The vocabulary is ``<pad> <bos> <eos> <unk>`` followed by ``words`` (default
+    :func:`word_vocabulary`), so ``vocab_size`` is ``4 + len(words)``.
+    """
+    hf_model, tokenizer, config = tiny_hf_model(arch, words=words, **shape)
     bridge = _boot(hf_model, tokenizer, f"tiny-{arch}", "cpu", torch.float32)
     bridge.mechkit = ModelInfo(name=f"tiny-{arch}-s{config.seed}", source="synthetic",
-                               prepend_bos=bridge.mechkit_prepend_bos)
+                               prepend_bos=bridge.mechkit_prepend_bos, _weights_hash=bridge.mechkit_weights_hash)
     bridge.mechkit_config = config
     return bridge
 
@@ -142,6 +147,7 @@ def set_head_ov(model: TransformerBridge, layer: int, head: int, W_V: torch.Tens
     """
     cfg = model.cfg
     d_head = cfg.d_head
+    model.mechkit._weights_hash = None  # the weights change: provenance must rehash them
     n_kv = getattr(cfg, "n_key_value_heads", None) or cfg.n_heads
     kv = head // (cfg.n_heads // n_kv)
     block = _layer(model, layer)
