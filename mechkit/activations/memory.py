@@ -15,8 +15,9 @@ from mechkit.errors import MemoryBudgetError
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
-# Floats live at once per token per layer of a forward pass without grad, as multiples of
-# the widths below; calibrated against peak RSS on Gemma-3-270M and SmolLM2-135M (2x margin).
+# Floats live at once per token in a forward pass without grad, as multiples of the widths
+# below. Deliberately generous: on Gemma-3-270M (batch 16 x ~37 tokens) the estimate is
+# about 1.6x the peak RSS that benchmarks/bench_collect.py measures.
 _RESIDUAL_COPIES = 24
 _MLP_COPIES = 6
 _ATTENTION_COPIES = 6
