@@ -195,7 +195,7 @@ def classify_heads(
     null_control: bool = True,
     seed: int = 0,
     layers: list[int] | None = None,
-    chunk_size: int = 8192,
+    chunk_size: int = 512,
     progress: bool = True,
 ) -> HeadClassification:
     """Classify every attention head by the relations its OV circuit implements (MAPS).

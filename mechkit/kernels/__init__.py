@@ -16,7 +16,7 @@ from mechkit.kernels.projection import check_projection, projection_rank_referen
 
 
 def projection_rank(Y: Tensor, B: Tensor, targets: Tensor, *, k: int | None = None, C: Tensor | None = None,
-                    chunk_size: int = 8192) -> Tensor:
+                    chunk_size: int = 512) -> Tensor:
     """Rank of each row's target among its ``Y @ B`` (or ``Y @ B @ C``) scores; batched over a leading head axis.
 
     Args:

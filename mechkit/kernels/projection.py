@@ -53,7 +53,7 @@ def projection_rank_reference(
     C: Float[Tensor, "m V"] | None = None,
     *,
     k: int | None = None,
-    chunk_size: int = 8192,
+    chunk_size: int = 512,
 ) -> Int[Tensor, " n"]:
     """Rank of ``targets[i]`` in row ``i`` of ``Y @ A`` (or ``Y @ A @ C``); see the module doc."""
     vocab = check_projection(Y, A, C, targets, k)
