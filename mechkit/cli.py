@@ -3,6 +3,7 @@
     mechkit models                         list offline models
     mechkit demo [--model NAME]            top next tokens and an activation summary
     mechkit activations --model NAME --prompts FILE --hook H [--hook H2] --position -1 --out DIR
+    mechkit classify-heads --model NAME [--model NAME2 ...] --out DIR
 """
 
 from __future__ import annotations
@@ -94,6 +95,54 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_classify_heads(args: argparse.Namespace) -> int:
+    import time
+
+    from mechkit.data.relations import builtin_relations, load_relation_file
+    from mechkit.heads import classify_heads
+    from mechkit.heads.validation import ablation_check, dynamic_check
+    from mechkit.models import load_model
+    from mechkit.viz import category_map_figure, relation_scores_figure, save
+
+    out = Path(args.out)
+    relations = list(builtin_relations()) + [load_relation_file(p) for p in args.relations or []]
+    if args.only:
+        unknown = set(args.only) - {r.name for r in relations}
+        if unknown:
+            raise MechkitError(f"unknown relation(s) {sorted(unknown)}; known: {[r.name for r in relations]}")
+        relations = [r for r in relations if r.name in args.only]
+    summary, maps = {}, []
+    for name in args.model:
+        model = load_model(name)
+        started = time.perf_counter()
+        result = classify_heads(model, relations, k=args.k, threshold=args.threshold, scale_k=args.scale_k,
+                                attn_norm=args.attn_norm, final_norm=args.final_norm,
+                                effective_embedding={"none": False}.get(args.effective_embedding, args.effective_embedding), null_control=not args.no_null)
+        seconds = time.perf_counter() - started
+        folder = result.save(out / model.mechkit.name)
+        save(relation_scores_figure(result.scores, threshold=result.threshold), folder / "relation_scores")
+        maps.append(result.category_map())
+        entry = {"seconds": round(seconds, 1), "category_counts": result.category_counts(),
+                 "implemented_cells": float((result.scores.values >= result.threshold).mean()),
+                 "null_false_positive_rate": result.false_positive_rate(), "relations": result.relations,
+                 "notes": result.notes,
+                 "top_heads": {r: result.top_heads(r, 3) for r in result.scores.labels["relation"]}}
+        if args.dynamic:
+            check = dynamic_check(model, result, relations, n_pairs=args.dynamic_pairs)
+            entry["dynamic_pearson"] = check.pearson
+            check.with_context.save(folder / "dynamic_with_context.npz")
+            check.forced.save(folder / "dynamic_forced.npz")
+        for relation in args.ablation or []:
+            entry.setdefault("ablation", {})[relation] = ablation_check(model, result, relation, relations=relations)
+        summary[model.mechkit.name] = entry
+        print(f"{model.mechkit.name}: {seconds:.0f} s; {entry['category_counts']}; "
+              f"null false-positive rate {entry['null_false_positive_rate']}")
+    paths = save(category_map_figure(maps), out / "category_map")
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(f"wrote {out / 'summary.json'} and {', '.join(str(p) for p in paths)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mechkit", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -116,6 +165,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-memory", default=None, help="memory bound, e.g. 2GB")
     p.add_argument("--on-missing", choices=["raise", "drop"], default="raise")
     p.set_defaults(run=_cmd_activations)
+
+    p = sub.add_parser("classify-heads", help="MAPS head classification from the weights, with the category map")
+    p.add_argument("--model", action="append", required=True, help="model name or path (repeatable: one panel each)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--relations", action="append", help="extra relation file(s) (.tsv, see docs)")
+    p.add_argument("--only", action="append", help="classify only these relations (repeatable)")
+    p.add_argument("--k", type=int, default=None, help="top-k for every relation (default 1 copying, 10 other)")
+    p.add_argument("--threshold", type=float, default=0.15)
+    p.add_argument("--scale-k", action="store_true", help="MAPS's k (3/25 at 128k vocab) scaled to the vocabulary")
+    p.add_argument("--attn-norm", action="store_true", help="apply the attention-input norm to the sources")
+    p.add_argument("--final-norm", action="store_true", help="fold the final norm's gain into W_U")
+    p.add_argument("--effective-embedding", choices=["residual", "mlp_out", "none"], default="residual",
+                   help="what later-layer heads read: embedding + MLP0 (default), MLP0 output alone, or the embedding")
+    p.add_argument("--no-null", action="store_true", help="skip the shuffled-target control")
+    p.add_argument("--dynamic", action="store_true", help="also run the dynamic (template) check")
+    p.add_argument("--dynamic-pairs", type=int, default=20, help="pairs per relation in the dynamic check")
+    p.add_argument("--ablation", action="append", help="ablation check for this relation (repeatable)")
+    p.set_defaults(run=_cmd_classify_heads)
     return parser
 
 

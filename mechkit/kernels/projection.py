@@ -6,9 +6,9 @@ chunks. **Ties:** the rank of a target is the number of *other* vocabulary entri
 score is strictly larger than the target's (so rank 0 is the top; equal scores do not
 push a target down). With ``k`` given, only "is the rank below k" matters: rows drop out
 as soon as k larger scores are seen and their rank is reported as ``k`` (exact below k).
-Columns are visited in strided chunks (chunk c holds columns c, c + m, c + 2m, ...
-for m chunks), so each chunk samples the whole vocabulary (frequent and rare tokens alike)
-and most rows drop out in the first chunk. Accumulation is in float32 whatever the input dtype.
+A first strided sample of ``chunk_size`` columns (every m-th: frequent and rare tokens
+alike) settles most rows; the undecided rows then see the other columns in large blocks.
+Accumulation is in float32 whatever the input dtype.
 
 This is the plain-torch reference that runs anywhere; :func:`mechkit.kernels.projection_rank`
 dispatches to it (and to GPU kernels where they exist).
@@ -45,6 +45,14 @@ def check_projection(Y: Tensor, A: Tensor, C: Tensor | None, targets: Tensor | N
     return vocab
 
 
+def _scores(Y: Tensor, A: Tensor, C: Tensor | None, columns) -> Tensor:
+    """``Y @ (A @ C[:, columns])`` (or ``Y @ A[:, columns]``): one fixed association, so that
+    every score, the target's included, comes from the same float path."""
+    if C is None:
+        return Y @ A[:, columns]
+    return Y @ (A @ C[:, columns])
+
+
 @torch.no_grad()
 def projection_rank_reference(
     Y: Float[Tensor, "n r"],
@@ -54,29 +62,41 @@ def projection_rank_reference(
     *,
     k: int | None = None,
     chunk_size: int = 512,
+    block_size: int = 8192,
 ) -> Int[Tensor, " n"]:
-    """Rank of ``targets[i]`` in row ``i`` of ``Y @ A`` (or ``Y @ A @ C``); see the module doc."""
+    """Rank of ``targets[i]`` in row ``i`` of ``Y @ A`` (or ``Y @ A @ C``); see the module doc.
+
+    Two phases: a strided sample of ``chunk_size`` columns (every m-th column) for all rows,
+    where with ``k`` most rows already see k larger scores and drop out; then the other
+    columns, in contiguous blocks of ``block_size``, for the rows still undecided.
+    """
     vocab = check_projection(Y, A, C, targets, k)
     device = Y.device
     Y = Y.float()
     A = A.float()
     C = C.float() if C is not None else None
-    if C is not None:  # the target's score through the thin factors: (Y A) . C[:, t]
-        target_score = ((Y @ A) * C[:, targets].T).sum(-1)
-    else:
-        target_score = (Y * A[:, targets].T).sum(-1)
+    # The target's score from a GEMM of the same association as the tiles (not a dot
+    # product), so a target never ties with itself or differs from its tile by rounding.
+    unique, where = torch.unique(targets, return_inverse=True)
+    target_score = torch.empty(Y.shape[0], device=device)
+    for group in range(0, unique.numel(), 256):  # rows by target group: no n x |targets| matrix
+        rows = ((where >= group) & (where < group + 256)).nonzero()[:, 0]
+        tile = _scores(Y[rows], A, C, unique[group:group + 256])
+        target_score[rows] = tile.gather(1, (where[rows] - group)[:, None])[:, 0]
     counts = torch.zeros(Y.shape[0], dtype=torch.long, device=device)
-    active = torch.arange(Y.shape[0], device=device)
-    n_chunks = -(-vocab // chunk_size)
-    for chunk in range(n_chunks):
+    stride = max(1, -(-vocab // chunk_size))
+    sampled = slice(0, vocab, stride)
+    own = torch.arange(0, vocab, stride, device=device)[None, :] == targets[:, None]
+    counts += ((_scores(Y, A, C, sampled) > target_score[:, None]) & ~own).sum(-1)
+    active = torch.arange(Y.shape[0], device=device) if k is None else (counts < k).nonzero()[:, 0]
+    for start in range(0, vocab, block_size):
         if active.numel() == 0:
             break
-        columns = torch.arange(chunk, vocab, n_chunks, device=device)
-        block = (A @ C[:, chunk::n_chunks]) if C is not None else A[:, chunk::n_chunks]
-        scores = Y[active] @ block
-        own = columns[None, :] == targets[active][:, None]  # the target never outranks itself
-        larger = (scores > target_score[active][:, None]) & ~own
-        counts[active] += larger.sum(-1)
+        columns = torch.arange(start, min(start + block_size, vocab), device=device)
+        fresh = (columns % stride != 0)[None, :]  # sampled columns were counted in phase one
+        not_own = columns[None, :] != targets[active][:, None]  # the target never outranks itself
+        larger = (_scores(Y[active], A, C, slice(start, start + block_size)) > target_score[active][:, None])
+        counts[active] += (larger & fresh & not_own).sum(-1)
         if k is not None:
             active = active[counts[active] < k]
     return counts.clamp(max=k) if k is not None else counts

@@ -1,0 +1,6 @@
+"""One matplotlib function per figure kind, all in one shared style (``viz/style.py``)."""
+
+from mechkit.viz.heads import category_map_figure, relation_scores_figure
+from mechkit.viz.style import save
+
+__all__ = ["category_map_figure", "relation_scores_figure", "save"]
