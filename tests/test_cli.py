@@ -56,3 +56,23 @@ def test_errors_are_one_line_and_exit_2(tmp_path, tiny_folder, capsys):
 def test_console_script_is_installed():
     result = subprocess.run([sys.executable, "-m", "mechkit.cli", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "activations" in result.stdout
+
+
+def test_classify_heads_writes_results_figures_and_summary(tmp_path, tiny_folder):
+    relation = tmp_path / "next_word.tsv"
+    relation.write_text("# relation: next_word\n# category: algorithmic\n"
+                        + "".join(f"w{i}\tw{i + 1}\n" for i in range(35)))
+    out = tmp_path / "heads"
+    code = main(["classify-heads", "--model", str(tiny_folder), "--out", str(out), "--relations", str(relation),
+                 "--only", "next_word"])
+    assert code == 0
+    summary = json.loads((out / "summary.json").read_text())
+    (entry,) = summary.values()
+    assert set(entry["category_counts"]) >= {"unclassified", "algorithmic", "2 categories"}
+    assert entry["relations"]["next_word"]["kept"] == 35
+    assert (out / "category_map.png").exists() and (out / "category_map.svg").exists()
+    from mechkit.heads import HeadClassification
+
+    result = HeadClassification.load(next(p for p in out.iterdir() if p.is_dir()))
+    assert result.scores.shape == (2, 4, 1)
+    assert main(["classify-heads", "--model", str(tiny_folder), "--out", str(out), "--only", "nope"]) == 2

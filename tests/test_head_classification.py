@@ -129,3 +129,23 @@ def test_save_load_round_trip(tiny_llama, tmp_path):
     back = HeadClassification.load(result.save(tmp_path / "maps"))
     assert back.scores == result.scores and back.relations == result.relations
     assert back.category_counts() == result.category_counts()
+
+
+def test_projection_topk_equals_full_rows(tiny_llama):
+    from mechkit.kernels import projection_topk
+
+    Y, A, C = torch.randn(9, 5), torch.randn(5, 7), torch.randn(7, 1001)
+    scores, index = projection_topk(Y, A, 6, C=C)
+    full = torch.topk(Y @ (A @ C), 6)
+    torch.testing.assert_close(scores, full.values)
+    assert torch.equal(index, full.indices)
+
+
+def test_head_top_mappings_show_a_planted_mapping():
+    from mechkit.heads.classification import head_top_mappings
+
+    model = tiny_model("llama", words=WORDS, n_layers=2, n_heads=4, n_kv_heads=2, d_head=64, d_model=96, seed=7)
+    capital = relation("capital", "knowledge", 0)
+    plant(model, 1, 2, [capital])
+    top = head_top_mappings(model, 1, 2, [WORDS[0], WORDS[3]], k=3)
+    assert top[WORDS[0]][0] == WORDS[150] and top[WORDS[3]][0] == WORDS[153]

@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 from mechkit.data.relations import CATEGORIES, Relation, builtin_relations
 from mechkit.errors import MechkitError
 from mechkit.heads.weights import BridgeWeights
-from mechkit.kernels import projection_rank
+from mechkit.kernels import projection_rank, projection_topk
 from mechkit.results import LabelledArray, Provenance
 
 MIN_PAIRS = 30
@@ -319,3 +319,23 @@ def classify_heads(
 
     return HeadClassification(labelled(scores, "relation_score"), labelled(suppression, "suppression_score"),
                               labelled(null, "null_score") if null is not None else None, threshold, info, notes)
+
+
+@torch.no_grad()
+def head_top_mappings(model, layer: int, head: int, words: list[str], *, k: int = 5,
+                      effective_embedding: bool | str = True) -> dict[str, list[str]]:
+    """What a head's OV circuit maps each (single-token) word to: its top-k tokens.
+
+    The view a researcher looks at first for a strong head, e.g. ``{" France": [" Paris", ...]}``.
+    """
+    weights = BridgeWeights(model)
+    ids = [single_token(model.tokenizer, w) for w in words]
+    if any(i is None for i in ids):
+        raise MechkitError(f"not single tokens (with a leading space): {[w for w, i in zip(words, ids) if i is None]}")
+    first, later = source_representations(weights, torch.tensor(ids), effective_embedding=effective_embedding)
+    x = first if layer == 0 else later
+    W_O = weights.W_O(layer)[head].float()
+    if hasattr(weights.block(layer), "ln1_post"):
+        W_O = W_O * weights.norm_gain(weights.block(layer).ln1_post, weights.d_model, weights.device)
+    _, top = projection_topk(x @ weights.W_V(layer)[head].float(), W_O, k, C=weights.W_U().float())
+    return {w: [model.tokenizer.decode([int(t)]) for t in row] for w, row in zip(words, top)}

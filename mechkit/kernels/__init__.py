@@ -1,6 +1,6 @@
 """Hot loops behind one dispatch function each: vocabulary projections.
 
-``projection_rank`` picks the fastest correct path for the inputs' device. Today that is
+``projection_rank`` and ``projection_topk`` pick the fastest correct path for the inputs' device. Today that is
 the chunked plain-torch reference everywhere; GPU kernels plug in here, so callers (head
 classification) take them with no change.
 """
@@ -12,7 +12,7 @@ from torch import Tensor
 
 from mechkit.errors import MechkitError
 
-from mechkit.kernels.projection import check_projection, projection_rank_reference
+from mechkit.kernels.projection import check_projection, projection_rank_reference, projection_topk_reference
 
 
 def projection_rank(Y: Tensor, B: Tensor, targets: Tensor, *, k: int | None = None, C: Tensor | None = None,
@@ -39,4 +39,10 @@ def projection_rank(Y: Tensor, B: Tensor, targets: Tensor, *, k: int | None = No
     return projection_rank_reference(Y, B, targets, C, k=k, chunk_size=chunk_size)
 
 
-__all__ = ["projection_rank"]
+def projection_topk(Y: Tensor, B: Tensor, k: int, *, C: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Top-``k`` scores and indices of each row of ``Y @ B`` (or ``Y @ B @ C``), ``(n, k)`` each."""
+    check_projection(Y, B, C, None, k)
+    return projection_topk_reference(Y, B, k, C)
+
+
+__all__ = ["projection_rank", "projection_topk"]

@@ -100,3 +100,30 @@ def projection_rank_reference(
         if k is not None:
             active = active[counts[active] < k]
     return counts.clamp(max=k) if k is not None else counts
+
+
+@torch.no_grad()
+def projection_topk_reference(
+    Y: Float[Tensor, "n r"],
+    A: Float[Tensor, "r m"],
+    k: int,
+    C: Float[Tensor, "m V"] | None = None,
+    *,
+    block_size: int = 8192,
+) -> tuple[Float[Tensor, "n k"], Int[Tensor, "n k"]]:
+    """Top-``k`` scores and vocabulary indices of each row of ``Y @ A`` (or ``Y @ A @ C``), by
+    vocabulary blocks merged into a running top-k (never the whole n x V matrix).
+    Ties: the lower index first, as ``torch.topk`` on the concatenation does."""
+    vocab = check_projection(Y, A, C, None, k)
+    Y, A = Y.float(), A.float()
+    C = C.float() if C is not None else None
+    best_scores = torch.full((Y.shape[0], 0), float("-inf"), device=Y.device)
+    best_index = torch.zeros((Y.shape[0], 0), dtype=torch.long, device=Y.device)
+    for start in range(0, vocab, block_size):
+        scores = _scores(Y, A, C, slice(start, start + block_size))
+        index = torch.arange(start, start + scores.shape[1], device=Y.device).expand_as(scores)
+        merged_scores = torch.cat([best_scores, scores], 1)
+        merged_index = torch.cat([best_index, index], 1)
+        top = torch.topk(merged_scores, min(k, merged_scores.shape[1]), dim=1)
+        best_scores, best_index = top.values, merged_index.gather(1, top.indices)
+    return best_scores, best_index
