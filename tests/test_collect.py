@@ -138,3 +138,13 @@ def test_provenance_identifies_model_and_data(tiny_llama):
     assert a.provenance.model == "tiny-llama-s0" and len(a.provenance.weights_hash) == 16
     assert a.provenance.weights_hash == b.provenance.weights_hash
     assert a.provenance.data_hash != b.provenance.data_hash
+
+
+def test_missing_positions_as_nan(tiny_llama):
+    prompts = [Prompt("the capital of France is Paris", spans={"answer": (25, 30)}), Prompt("the capital is")]
+    got = collect_activations(tiny_llama, prompts, ["blocks.0.hook_resid_post"], ["first_answer", -1],
+                              on_missing="nan", progress=False)
+    acts = got["blocks.0.hook_resid_post"]
+    assert got.examples == [0, 1] and not got.dropped
+    assert torch.isnan(acts[1, 0]).all() and torch.isfinite(acts[1, 1]).all() and torch.isfinite(acts[0]).all()
+    assert got.token_ids[1, 0] == -1

@@ -2,7 +2,7 @@
 
 from mechkit.activations.collect import collect_activations
 from mechkit.activations.positions import NAMED_POSITIONS, Position, as_position
-from mechkit.activations.prompts import Prompt, encode
+from mechkit.data.prompts import Prompt, encode
 from mechkit.activations.store import ActivationSet
 
 __all__ = ["ActivationSet", "NAMED_POSITIONS", "Position", "Prompt", "as_position", "collect_activations", "encode"]

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from mechkit.activations.memory import parse_bytes, plan_batch_size
 from mechkit.activations.positions import Position, as_position
-from mechkit.activations.prompts import EncodedPrompt, Prompt, as_prompts, encode
+from mechkit.data.prompts import EncodedPrompt, Prompt, as_prompts, encode
 from mechkit.activations.store import ActivationSet, DiskWriter
 from mechkit.errors import MechkitError
 from mechkit.results import Provenance, data_hash
@@ -71,16 +71,18 @@ def _stop_layer(model, hooks: list[str]) -> int | None:
 
 
 def _resolve_positions(encoded: list[EncodedPrompt], positions: list[Position], on_missing: str):
-    """Per kept example, the token index of each position; and the dropped examples."""
-    table, kept, dropped = [], [], {}
+    """Per kept example, the token index of each position (0 where missing under "nan"),
+    the missing mask, and the dropped examples."""
+    table, kept, dropped, holes = [], [], {}, []
     for i, prompt in enumerate(encoded):
         row = [p.resolve(prompt) for p in positions]
         missing = [p.name for p, r in zip(positions, row) if r is None]
-        if missing:
+        if missing and (on_missing != "nan" or len(missing) == len(positions)):
             dropped[i] = f"missing position(s) {missing}"
             continue
         kept.append(i)
-        table.append(row)
+        holes.append([r is None for r in row])
+        table.append([0 if r is None else r for r in row])
     if dropped and on_missing == "raise":
         first = list(dropped.items())[:5]
         raise MechkitError(
@@ -89,7 +91,7 @@ def _resolve_positions(encoded: list[EncodedPrompt], positions: list[Position], 
         )
     if not kept:
         raise MechkitError(f"every prompt lacks a requested position; reasons: {list(dropped.items())[:5]}")
-    return kept, torch.tensor(table, dtype=torch.long), dropped
+    return kept, torch.tensor(table, dtype=torch.long), torch.tensor(holes, dtype=torch.bool), dropped
 
 
 def _hook_shape(model, hook: str) -> tuple[int, ...]:
@@ -119,14 +121,14 @@ def collect_activations(
     padding_side: Literal["right", "left"] = "right",
     out: str | os.PathLike | None = None,
     dtype: torch.dtype = torch.float32,
-    on_missing: Literal["raise", "drop"] = "raise",
+    on_missing: Literal["raise", "drop", "nan"] = "raise",
     progress: bool = True,
 ) -> ActivationSet:
     """Run ``model`` over ``prompts`` and keep ``hooks`` at ``positions`` only.
 
     Args:
         model: a TransformerBridge (e.g. from :func:`mechkit.load_model`).
-        prompts: strings or :class:`~mechkit.activations.prompts.Prompt` objects (with
+        prompts: strings or :class:`~mechkit.data.prompts.Prompt` objects (with
             named spans, or ``chat=True`` for a chat model's template).
         hooks: hook names such as ``"blocks.5.hook_resid_post"``, or ``"logits"``.
         positions: ints (negative counts from each prompt's end) and/or named positions
@@ -138,7 +140,9 @@ def collect_activations(
         out: stream to this folder instead of keeping results in RAM (memory-mapped on
             return; an interrupted run resumes on the next call with the same arguments).
         dtype: storage dtype of the kept activations.
-        on_missing: ``"raise"`` (default) or ``"drop"`` prompts lacking a named position.
+        on_missing: prompts lacking a named position: ``"raise"`` (default), ``"drop"`` them,
+            or ``"nan"``: keep them, with NaN activations and token id -1 at the missing
+            positions (prompts lacking every position are still dropped).
         progress: show a progress bar.
 
     Returns:
@@ -167,7 +171,9 @@ def collect_activations(
                 f"prompt {i} has {len(e.ids)} tokens, more than the model's context window of {n_ctx}; "
                 "shorten it (mechkit never truncates silently)"
             )
-    kept, index_table, dropped = _resolve_positions(encoded, position_list, on_missing)
+    if on_missing not in ("raise", "drop", "nan"):
+        raise MechkitError(f"on_missing must be 'raise', 'drop' or 'nan', got {on_missing!r}")
+    kept, index_table, holes, dropped = _resolve_positions(encoded, position_list, on_missing)
     kept_prompts = [encoded[i] for i in kept]
     n, n_pos = len(kept), len(position_list)
 
@@ -212,6 +218,11 @@ def collect_activations(
         tokens, mask, where = _pad([kept_prompts[j] for j in rows], index_table[rows], pad_id, padding_side)
         captured = _run(model, tokens.to(device), mask.to(device), where.to(device), hook_list, stop_layer, dtype)
         token_ids = tokens.gather(1, where)
+        hole = holes[rows]
+        if hole.any():
+            token_ids[hole] = -1
+            for h in hook_list:
+                captured[h][hole] = float("nan")
         if writer is not None:
             writer.write(np.asarray(rows), token_ids, captured, batch=b)
         else:

@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from mechkit.activations.prompts import EncodedPrompt
+from mechkit.data.prompts import EncodedPrompt
 from mechkit.errors import MechkitError
 
 
