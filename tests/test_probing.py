@@ -127,3 +127,26 @@ def test_dataset_files(tmp_path):
     (tmp_path / "d.jsonl").write_text('{"text": "x"}\n')
     with pytest.raises(MechkitError, match="lacks a 'text' or 'label'"):
         ProbeDataset.from_file(tmp_path / "d.jsonl")
+
+
+def test_true_false_and_sentiment_builtins_are_balanced_and_grouped():
+    from mechkit.data.probing_sets import sentiment, true_false
+
+    data = true_false(per_relation=10)
+    assert data.class_counts()[0] == data.class_counts()[1] == len(data) // 2
+    assert len(set(data.groups)) == len(data) // 2  # a subject's true and false statement share a group
+    assert data.prompts[0].text.endswith(".")
+    sent = sentiment()
+    assert sent.class_counts() == {0: 110, 1: 110}
+
+
+def test_qa_answers_are_located_in_generations():
+    from mechkit.probing.qa import is_correct, locate_answer
+
+    assert locate_answer("capital", " Paris, the city of light.") == (1, 6)
+    assert locate_answer("year", " It ended in 1945.") == (13, 17)
+    assert locate_answer("capital", " I do not know.") is None
+    text = " Charlotte Brontë wrote it."
+    start, end = locate_answer("author", text)
+    assert text[start:end] == "Charlotte Brontë"  # the longest candidate wins over "Brontë"
+    assert is_correct({"answer": "Kyiv", "aliases": ["Kiev"]}, "kiev")

@@ -69,13 +69,13 @@ def _imbalance(labels: np.ndarray) -> dict:
 
 
 def _scores_and_control(features: torch.Tensor, labels: np.ndarray, splits, *, seed: int, C: float, balanced: bool,
-                        control: bool):
+                        control: int):
+    """Held-out scores (mean, std over splits) and the mean over ``control`` label shuffles."""
     mean, std = evaluate_cells(features, labels, splits, C=C, balanced=balanced)
-    if control:
-        shuffled = np.random.default_rng(seed + 1).permutation(labels)
-        control_mean, _ = evaluate_cells(features, shuffled, splits, C=C, balanced=balanced)
-    else:
-        control_mean = np.full_like(mean, np.nan)
+    rng = np.random.default_rng(seed + 1)
+    shuffles = [evaluate_cells(features, rng.permutation(labels), splits, C=C, balanced=balanced)[0]
+                for _ in range(int(control))]
+    control_mean = np.mean(shuffles, 0) if shuffles else np.full_like(mean, np.nan)
     return mean, std, control_mean
 
 
@@ -91,7 +91,7 @@ def probe_layers(
     C: float = 1.0,
     balanced: bool = False,
     align: str = "index",
-    control: bool = True,
+    control: int = 5,
     batch_size: int | None = None,
     max_memory: int | str | None = None,
     progress: bool = True,
@@ -107,7 +107,7 @@ def probe_layers(
         balanced: weight classes equally in training (imbalance is reported either way).
         align: ``"index"`` (layer i of every model; shorter models padded with NaN) or
             ``"relative"`` (relative depth, the deepest model's number of bins).
-        control: also probe shuffled labels (the control; NaN when off).
+        control: how many label shuffles the control averages (0: no control, NaN).
     """
     streams = _check_streams(streams)
     if align not in ("index", "relative"):
@@ -162,7 +162,7 @@ def probe_positions(
     seed: int = 0,
     C: float = 1.0,
     balanced: bool = False,
-    control: bool = True,
+    control: int = 5,
     min_examples: int = 20,
     batch_size: int | None = None,
     progress: bool = True,
