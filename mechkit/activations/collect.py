@@ -45,6 +45,11 @@ def check_hooks(model, hooks: Sequence[str]) -> list[str]:
         raise MechkitError("no hooks requested: name at least one, e.g. 'blocks.0.hook_resid_post'")
     available = model.hook_dict
     for hook in hooks:
+        if hook.endswith(NOT_POSITION_INDEXED):
+            raise MechkitError(
+                f"{hook} is indexed (batch, head, query, key), not by token position; collect "
+                "blocks.L.attn.hook_z or hook_q/hook_k/hook_v instead, or use model.run_with_cache"
+            )
         if hook != LOGITS and hook not in available:
             close = difflib.get_close_matches(hook, list(available), n=5, cutoff=0.6)
             layer0 = sorted(h for h in available if h.startswith("blocks.0.") and h.count(".") <= 3)[:12]
@@ -94,20 +99,17 @@ def _resolve_positions(encoded: list[EncodedPrompt], positions: list[Position], 
     return kept, torch.tensor(table, dtype=torch.long), torch.tensor(holes, dtype=torch.bool), dropped
 
 
-def _hook_shape(model, hook: str) -> tuple[int, ...]:
-    """Trailing shape of a hook's activation (after batch and position), from the config."""
-    cfg = model.cfg
-    if hook == LOGITS:
-        return (cfg.d_vocab,)
-    name = hook.split(".")[-1]
-    n_kv = getattr(cfg, "n_key_value_heads", None) or cfg.n_heads
-    if name in ("hook_z", "hook_q", "hook_rot_q", "hook_result"):
-        return (cfg.n_heads, cfg.d_head) if name != "hook_result" else (cfg.n_heads, cfg.d_model)
-    if name in ("hook_k", "hook_v", "hook_rot_k"):
-        return (n_kv, cfg.d_head)
-    if name in ("hook_pre", "hook_post", "hook_pre_linear") and ".mlp." in hook:
-        return (cfg.d_mlp,)
-    return (cfg.d_model,)
+NOT_POSITION_INDEXED = ("hook_pattern", "hook_attn_scores")
+
+
+def _dry_run_shapes(model, prompt: EncodedPrompt, hooks: list[str], stop_layer: int | None) -> dict[str, tuple[int, ...]]:
+    """Trailing shape of each hook's activation (after batch and position), from one short example."""
+    tokens = torch.tensor([prompt.ids[:4]])
+    where = torch.zeros((1, 1), dtype=torch.long)
+    device = next(model.parameters()).device
+    captured = _run(model, tokens.to(device), torch.ones_like(tokens).to(device), where.to(device), hooks,
+                    stop_layer, torch.float32)
+    return {h: tuple(captured[h].shape[2:]) for h in hooks}
 
 
 def collect_activations(
@@ -177,7 +179,10 @@ def collect_activations(
     kept_prompts = [encoded[i] for i in kept]
     n, n_pos = len(kept), len(position_list)
 
-    shapes = {h: (n, n_pos, *_hook_shape(model, h)) for h in hook_list}
+    stop_layer = None if LOGITS in hook_list else _stop_layer(model, hook_list)
+    # A dry run on one short example gives every hook's shape before the long job starts.
+    trailing = _dry_run_shapes(model, kept_prompts[0], hook_list, stop_layer)
+    shapes = {h: (n, n_pos, *trailing[h]) for h in hook_list}
     itemsize = torch.empty((), dtype=dtype).element_size()
     kept_per_example = sum(int(np.prod(s[1:])) for s in shapes.values()) * itemsize
     max_tokens = max(len(e.ids) for e in kept_prompts)
@@ -187,7 +192,6 @@ def collect_activations(
         streaming=out is not None,
     )
 
-    stop_layer = None if LOGITS in hook_list else _stop_layer(model, hook_list)
     settings = dict(hooks=hook_list, positions=[p.name for p in position_list], padding_side=padding_side,
                     dtype=str(dtype), on_missing=on_missing)
     provenance = Provenance.for_model(model, data=[(p.text, dict(p.spans), p.chat) for p in prompt_list], **settings)

@@ -166,9 +166,17 @@ def _load_hub(name: str, device, dtype: torch.dtype) -> TransformerBridge:
             f"({', '.join(BUNDLED)}), a local folder or a .gguf file instead, or run where "
             "the hub is reachable once so that the model is cached."
         )
-    if in_local_cache:
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    return TransformerBridge.boot_transformers(name, device=device, dtype=dtype)
+    if not in_local_cache:
+        return TransformerBridge.boot_transformers(name, device=device, dtype=dtype)
+    previous = os.environ.get("HF_HUB_OFFLINE")
+    os.environ["HF_HUB_OFFLINE"] = "1"  # cached: never touch the network, only while loading
+    try:
+        return TransformerBridge.boot_transformers(name, device=device, dtype=dtype)
+    finally:
+        if previous is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = previous
 
 
 def load_model(
