@@ -33,8 +33,11 @@ def test_batched_trainer_equals_sklearn(balanced):
         Z = StandardScaler().fit_transform(X[cell].double().numpy())
         ref = LogisticRegression(C=0.5, tol=1e-10, max_iter=10_000, class_weight="balanced" if balanced else None)
         ref.fit(Z, labels)
-        np.testing.assert_allclose(probe.weight[cell].numpy(), ref.coef_[0], atol=2e-4)
-        np.testing.assert_allclose(probe.bias[cell].item(), ref.intercept_[0], atol=2e-4)
+        # float32 L-BFGS against scikit-learn's float64 solution, solved tightly
+        np.testing.assert_allclose(probe.weight[cell].numpy(), ref.coef_[0], atol=2e-3)
+        np.testing.assert_allclose(probe.bias[cell].item(), ref.intercept_[0], atol=2e-3)
+        decision = probe.decision(X)[cell].numpy()
+        np.testing.assert_allclose(decision, ref.decision_function(Z), atol=1e-2)
 
 
 def test_planted_layers_are_decodable_exactly_there():

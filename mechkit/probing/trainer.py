@@ -2,8 +2,10 @@
 
 Every (model, stream, layer) or (layer, position) cell is an independent binary problem on
 the same examples. They are solved together as one convex problem (the sum of the cells'
-objectives) with full-batch L-BFGS in float64, features standardised per cell with the
-training split's mean and standard deviation. The objective is scikit-learn's
+objectives) with full-batch L-BFGS in float32, features standardised per cell with the
+training split's mean and standard deviation. When a cell has fewer than half as many training
+examples as features, the problem is solved exactly in the span of its training rows (the
+L2-optimal weights lie there), which makes every iteration cheaper. The objective is scikit-learn's
 ``LogisticRegression(C=C)`` on standardised features: ``C * sum(log-loss) + ||w||^2 / 2``,
 intercept unpenalised, optionally with ``class_weight="balanced"`` sample weights; the
 scikit-learn fit is the reference it is tested and benchmarked against.
@@ -32,8 +34,11 @@ class BatchedProbe:
 
     def decision(self, X: Float[Tensor, "cell n d"]) -> Float[Tensor, "cell n"]:
         """Logits of each cell's probe on its own features."""
-        Z = (X.double() - self.mean[:, None]) / self.scale[:, None]
-        return torch.einsum("cnd,cd->cn", Z, self.weight) + self.bias[:, None]
+        if X.ndim != 3 or X.shape[0] != self.weight.shape[0] or X.shape[2] != self.weight.shape[1]:
+            raise MechkitError(f"features of shape {tuple(X.shape)} do not fit {self.weight.shape[0]} probes of "
+                               f"width {self.weight.shape[1]}; pass (cell, example, feature) for every cell")
+        Z = (X.float() - self.mean[:, None]) / self.scale[:, None]
+        return torch.bmm(Z, self.weight[:, :, None])[..., 0] + self.bias[:, None]
 
     def direction(self) -> Float[Tensor, "cell d"]:
         """Each probe's normal in the original (unstandardised) feature space."""
@@ -60,33 +65,45 @@ def fit_probes(
     C: float = 1.0,
     balanced: bool = False,
     max_iter: int = 500,
-    tol: float = 1e-6,
+    tol: float = 1e-5,
 ) -> BatchedProbe:
     """Fit one logistic-regression probe per cell, all cells in one batched L-BFGS solve."""
     check_features(X, y)
-    X = X.double()
+    X = X.float()
     mean = X.mean(1)
     scale = X.std(1, unbiased=False).clamp_min(1e-12)
     Z = (X - mean[:, None]) / scale[:, None]
-    target = y.double()
-    weights = torch.ones_like(target)
+    cells, n, d = Z.shape
+    basis = None
+    if 2 * n < d:  # the optimum lies in the span of the (centred) training rows: solve there, exactly
+        basis, _ = torch.linalg.qr(Z.transpose(1, 2))  # (cell, d, n), orthonormal columns
+        Z = torch.bmm(Z, basis)
+    target = y.float()
+    sample_weight = torch.ones_like(target)
     if balanced:
         for c in (0, 1):
-            weights[y == c] = len(y) / (2 * int((y == c).sum()))
-    cells, _, d = Z.shape
-    params = torch.zeros(cells, d + 1, dtype=torch.float64, requires_grad=True)
-    optimiser = torch.optim.LBFGS([params], lr=1, max_iter=max_iter, tolerance_grad=tol, tolerance_change=1e-12,
+            sample_weight[y == c] = len(y) / (2 * int((y == c).sum()))
+    width = Z.shape[2]
+    params = torch.zeros(cells, width + 1)
+    params.grad = torch.zeros_like(params)
+    optimiser = torch.optim.LBFGS([params], lr=1, max_iter=max_iter, tolerance_grad=tol, tolerance_change=1e-10,
                                   history_size=20, line_search_fn="strong_wolfe")
+    Zt = Z.transpose(1, 2).contiguous()
 
     def objective():
-        optimiser.zero_grad()
-        logits = torch.einsum("cnd,cd->cn", Z, params[:, :d]) + params[:, d:]
-        loss = C * (weights * torch.nn.functional.binary_cross_entropy_with_logits(
-            logits, target.expand_as(logits), reduction="none")).sum() + 0.5 * (params[:, :d] ** 2).sum()
-        loss.backward()
+        # Loss and gradient by hand (two batched matmuls), no autograd graph per evaluation.
+        w, b = params[:, :width], params[:, width:]
+        logits = torch.bmm(Z, w[:, :, None])[..., 0] + b
+        loss = C * (sample_weight * torch.nn.functional.binary_cross_entropy_with_logits(
+            logits, target.expand_as(logits), reduction="none")).sum() + 0.5 * (w**2).sum()
+        residual = C * sample_weight * (torch.sigmoid(logits) - target)  # (cell, n)
+        params.grad[:, :width] = torch.bmm(Zt, residual[:, :, None])[..., 0] + w
+        params.grad[:, width] = residual.sum(1)
         return loss
 
     optimiser.step(objective)
     iterations = optimiser.state[optimiser._params[0]].get("n_iter", 0)
-    params = params.detach()
-    return BatchedProbe(params[:, :d], params[:, d], mean, scale, int(iterations))
+    weight = params[:, :width]
+    if basis is not None:
+        weight = torch.bmm(basis, weight[:, :, None])[..., 0]
+    return BatchedProbe(weight.clone(), params[:, width].clone(), mean, scale, int(iterations))

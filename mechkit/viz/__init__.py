@@ -1,6 +1,7 @@
 """One matplotlib function per figure kind, all in one shared style (``viz/style.py``)."""
 
 from mechkit.viz.heads import category_map_figure, relation_scores_figure
+from mechkit.viz.probing import layer_probe_figure, position_probe_figure
 from mechkit.viz.style import save
 
-__all__ = ["category_map_figure", "relation_scores_figure", "save"]
+__all__ = ["category_map_figure", "layer_probe_figure", "position_probe_figure", "relation_scores_figure", "save"]

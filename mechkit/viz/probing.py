@@ -1,0 +1,74 @@
+"""Probing figures: models x layers per stream (seed 000) and layer x position (seed 001)."""
+
+from __future__ import annotations
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from mechkit.results import LabelledArray
+from mechkit.viz.style import new_figure, tick_step
+
+STREAM_TITLES = {"resid_post": "Layer output", "attn_out": "MHA output", "mlp_out": "MLP output",
+                 "resid_pre": "Layer input"}
+
+
+def _masked(values: np.ndarray) -> np.ma.MaskedArray:
+    return np.ma.masked_invalid(values)
+
+
+def layer_probe_figure(scores: LabelledArray, *, metric: str = "f1", vmin: float = 0.5, vmax: float = 1.0,
+                       annotate: bool = False) -> Figure:
+    """One panel per stream: model (y) x layer (x) heatmap of a probe metric, red (0.5) to green (1).
+
+    ``scores`` is ``model x stream x layer x metric`` as :func:`mechkit.probe_layers` returns;
+    layers a model does not have are drawn blank (hatched).
+    """
+    data = scores.sel(metric=metric).transpose("stream", "model", "layer")
+    streams, models, layers = data.labels["stream"], data.labels["model"], data.labels["layer"]
+    fig, axes = new_figure(len(streams), panel_size=(0.5 + 0.28 * len(layers), 0.9 + 0.42 * len(models)), max_cols=2,
+                           sharey=True)
+    for ax, stream in zip(axes, streams):
+        values = data.sel(stream=stream).values
+        ax.set_facecolor("#f0f0f0")
+        image = ax.imshow(_masked(values), cmap="RdYlGn", vmin=vmin, vmax=vmax, aspect="auto", interpolation="nearest")
+        ax.set_xticks(range(0, len(layers), tick_step(len(layers), 16)))
+        ax.set_xticklabels([str(layers[i]) for i in range(0, len(layers), tick_step(len(layers), 16))])
+        ax.set_yticks(range(len(models)))
+        ax.set_yticklabels(models)
+        ax.set_xlabel("Layer" if scores.attrs.get("align", "index") == "index" else "Relative depth")
+        ax.set_title(f"{STREAM_TITLES.get(stream, stream)} {metric.upper() if metric != 'accuracy' else 'accuracy'}")
+        if annotate:
+            for (i, j), v in np.ndenumerate(values):
+                if np.isfinite(v):
+                    ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=5)
+        bar = fig.colorbar(image, ax=ax, fraction=0.04, pad=0.02)
+        bar.set_label(f"held-out {metric}")
+    fig.suptitle(f"Linear probe {metric} by layer ({scores.attrs.get('dataset', '')})")
+    return fig
+
+
+def position_probe_figure(scores: LabelledArray, *, metric: str = "auc", vmin: float = 0.5, vmax: float = 1.0,
+                          annotate: bool = False) -> Figure:
+    """Layer (y) x position (x) heatmap of a probe metric for one model, blues from 0.5 to 1.
+
+    Positions with too few examples are drawn blank (hatched); counts are in the x tick labels' attrs.
+    """
+    data = scores.sel(metric=metric).transpose("layer", "position")
+    layers, positions = data.labels["layer"], data.labels["position"]
+    fig, (ax,) = new_figure(1, panel_size=(1.5 + 0.45 * len(positions), 1.2 + 0.16 * len(layers)))
+    ax.set_facecolor("#f0f0f0")
+    image = ax.imshow(_masked(data.values), cmap="Blues", vmin=vmin, vmax=vmax, aspect="auto", origin="lower",
+                      interpolation="nearest")
+    ax.set_xticks(range(len(positions)))
+    ax.set_xticklabels([str(p) for p in positions], rotation=45, ha="right")
+    ax.set_yticks(range(0, len(layers), tick_step(len(layers), 16)))
+    ax.set_xlabel("Token")
+    ax.set_ylabel("Layer")
+    if annotate:
+        for (i, j), v in np.ndenumerate(data.values):
+            if np.isfinite(v):
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=5)
+    bar = fig.colorbar(image, ax=ax, fraction=0.04, pad=0.02)
+    bar.set_label(f"held-out {metric.upper()}")
+    ax.set_title(f"Probe {metric.upper()} by layer and token: {scores.provenance.model or ''}")
+    return fig
