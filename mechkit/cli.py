@@ -4,6 +4,8 @@
     mechkit demo [--model NAME]            top next tokens and an activation summary
     mechkit activations --model NAME --prompts FILE --hook H [--hook H2] --position -1 --out DIR
     mechkit classify-heads --model NAME [--model NAME2 ...] --out DIR
+    mechkit probe layers --model NAME [--model NAME2 ...] --dataset true_false --out DIR
+    mechkit probe positions --model NAME --dataset qa --out DIR
 """
 
 from __future__ import annotations
@@ -143,6 +145,69 @@ def _cmd_classify_heads(args: argparse.Namespace) -> int:
     return 0
 
 
+BUILTIN_DATASETS = ("true_false", "sentiment", "qa")
+
+
+def _dataset(name: str, model=None, *, per_type: int | None = None):
+    """A built-in probing dataset by name, or a CSV/JSONL file."""
+    from mechkit.data import ProbeDataset
+    from mechkit.data.probing_sets import sentiment, true_false
+
+    if name == "true_false":
+        return true_false()
+    if name == "sentiment":
+        return sentiment()
+    if name == "qa":
+        from mechkit.probing.qa import qa_dataset
+
+        if model is None:
+            raise MechkitError("the qa dataset is made from one model's own answers: probe one model at a time")
+        return qa_dataset(model, per_type=per_type)
+    if Path(name).suffix in (".csv", ".tsv", ".jsonl"):
+        return ProbeDataset.from_file(name)
+    raise MechkitError(f"unknown dataset {name!r}: use one of {BUILTIN_DATASETS} or a .csv/.tsv/.jsonl file")
+
+
+def _cmd_probe(args: argparse.Namespace) -> int:
+    from mechkit.models import load_model
+    from mechkit.probing import probe_layers, probe_positions
+    from mechkit.viz import layer_probe_figure, position_probe_figure, save
+
+    out = Path(args.out)
+    if args.kind == "layers":
+        models = [load_model(m) for m in args.model]
+        data = _dataset(args.dataset, models[0] if len(models) == 1 else None, per_type=args.per_type)
+        result = probe_layers(models, data, args.stream or ["resid_post", "attn_out"], folds=args.folds,
+                              balanced=args.balanced, align=args.align, control=args.control)
+        figure = layer_probe_figure(result.scores, metric=args.metric or "f1", annotate=args.annotate)
+    else:
+        if len(args.model) != 1:
+            raise MechkitError("probe positions takes one model")
+        model = load_model(args.model[0])
+        data = _dataset(args.dataset, model, per_type=args.per_type)
+        positions = [int(p) if p.lstrip("-").isdigit() else p for p in args.position] if args.position else None
+        kwargs = {"positions": positions} if positions else {}
+        result = probe_positions(model, data, stream=(args.stream or ["resid_post"])[0], folds=args.folds,
+                                 balanced=args.balanced, control=args.control, strict=args.strict, **kwargs)
+        figure = position_probe_figure(result.scores, metric=args.metric or "auc", annotate=args.annotate)
+    result.save(out)
+    paths = save(figure, out / f"probe_{args.kind}")
+    import numpy as np
+
+    metric = args.metric or ("f1" if args.kind == "layers" else "auc")
+    scores, control = result.scores.sel(metric=metric), result.control.sel(metric=metric)
+    best = np.unravel_index(np.nanargmax(scores.values), scores.shape)
+    summary = {"dataset": data.name, "n_examples": len(data), "class_counts": data.class_counts(),
+               "attrs": result.scores.attrs, "metric": metric,
+               "best": {"value": float(scores.values[best]),
+                        **{axis: scores.labels[axis][i] for axis, i in zip(scores.axes, best)}},
+               "control_range": [float(np.nanmin(control.values)), float(np.nanmax(control.values))]}
+    print(f"{data.name}: {len(data)} examples, classes {data.class_counts()}; wrote {out} and "
+          f"{', '.join(str(p) for p in paths)}")
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mechkit", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -183,12 +248,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dynamic-pairs", type=int, default=20, help="pairs per relation in the dynamic check")
     p.add_argument("--ablation", action="append", help="ablation check for this relation (repeatable)")
     p.set_defaults(run=_cmd_classify_heads)
+
+    p = sub.add_parser("probe", help="linear probes by layer (several models) or by layer and position")
+    p.add_argument("kind", choices=["layers", "positions"])
+    p.add_argument("--model", action="append", required=True, help="model name or path (repeatable for layers)")
+    p.add_argument("--dataset", default="true_false", help=f"one of {BUILTIN_DATASETS} or a .csv/.tsv/.jsonl file")
+    p.add_argument("--out", required=True)
+    p.add_argument("--stream", action="append", choices=["resid_post", "attn_out", "mlp_out", "resid_pre"])
+    p.add_argument("--metric", choices=["accuracy", "f1", "auc"], help="metric drawn (default f1 / auc)")
+    p.add_argument("--position", action="append", help="positions for 'positions' (default the named set and -8..-1)")
+    p.add_argument("--folds", type=int, default=None, help="k-fold CV by group instead of one seeded split")
+    p.add_argument("--control", type=int, default=5, help="label shuffles averaged in the control (0: none)")
+    p.add_argument("--balanced", action="store_true", help="weight classes equally")
+    p.add_argument("--align", choices=["index", "relative"], default="index", help="layer alignment across models")
+    p.add_argument("--strict", action="store_true", help="refuse examples lacking a named position")
+    p.add_argument("--per-type", type=int, default=None, help="qa: questions per type")
+    p.add_argument("--annotate", action="store_true", help="write each cell's value")
+    p.set_defaults(run=_cmd_probe)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if getattr(args, "position", "unset") is None:
+    if args.command == "activations" and args.position is None:
         args.position = ["-1"]
     try:
         return args.run(args)

@@ -76,3 +76,24 @@ def test_classify_heads_writes_results_figures_and_summary(tmp_path, tiny_folder
     result = HeadClassification.load(next(p for p in out.iterdir() if p.is_dir()))
     assert result.scores.shape == (2, 4, 1)
     assert main(["classify-heads", "--model", str(tiny_folder), "--out", str(out), "--only", "nope"]) == 2
+
+
+def test_probe_layers_and_positions_write_results_and_figures(tmp_path, tiny_folder):
+    rows = []
+    for i in range(40):
+        word = ["Paris", "Rome"][i % 2]
+        text = f"the capital w{i % 7} w{i % 5} is {word}"
+        rows.append({"text": text, "label": i % 2, "group": f"g{i // 2}", "spans": {"answer": [len(text) - len(word), len(text)]}})
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    out = tmp_path / "layers"
+    assert main(["probe", "layers", "--model", str(tiny_folder), "--dataset", str(data), "--out", str(out),
+                 "--control", "1"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["metric"] == "f1" and summary["best"]["value"] > 0.9
+    assert (out / "probe_layers.png").exists() and (out / "probe_layers.svg").exists()
+    out = tmp_path / "positions"
+    assert main(["probe", "positions", "--model", str(tiny_folder), "--dataset", str(data), "--out", str(out),
+                 "--position", "first_answer", "--position", "-2", "--control", "1"]) == 0
+    assert json.loads((out / "summary.json").read_text())["attrs"]["examples_per_position"] == {"first_answer": 40, "-2": 40}
+    assert main(["probe", "layers", "--model", str(tiny_folder), "--dataset", "nope", "--out", str(out)]) == 2
