@@ -25,7 +25,7 @@ def layer_probe_figure(scores: LabelledArray, *, metric: str = "f1", vmin: float
     """
     data = scores.sel(metric=metric).transpose("stream", "model", "layer")
     streams, models, layers = data.labels["stream"], data.labels["model"], data.labels["layer"]
-    fig, axes = new_figure(len(streams), panel_size=(0.5 + 0.28 * len(layers), 0.9 + 0.42 * len(models)), max_cols=2,
+    fig, axes = new_figure(len(streams), panel_size=(0.5 + 0.28 * len(layers), 1.5 + 0.45 * len(models)), max_cols=2,
                            sharey=True)
     for ax, stream in zip(axes, streams):
         values = data.sel(stream=stream).values
@@ -43,7 +43,7 @@ def layer_probe_figure(scores: LabelledArray, *, metric: str = "f1", vmin: float
                     ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=5)
         bar = fig.colorbar(image, ax=ax, fraction=0.04, pad=0.02)
         bar.set_label(f"held-out {metric}")
-    fig.suptitle(f"Linear probe {metric} by layer ({scores.attrs.get('dataset', '')})")
+    fig.suptitle(f"Linear probe {metric.upper() if metric != 'accuracy' else metric} by layer ({scores.attrs.get('dataset', '')})")
     return fig
 
 
