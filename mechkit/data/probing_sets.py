@@ -46,7 +46,7 @@ def true_false(relations: list[str] | None = None, *, per_relation: int = 40, se
         raise MechkitError(f"no statement template for {unknown}; templated relations: {sorted(templates)}")
     by_name = {r.name: r for r in builtin_relations()}
     rng = random.Random(seed)
-    prompts, labels, groups, kinds = [], [], [], []
+    prompts, labels, groups = [], [], []
     for name in names:
         pairs = list(dict.fromkeys(by_name[name].pairs))
         true_targets: dict[str, set[str]] = {}
@@ -62,7 +62,6 @@ def true_false(relations: list[str] | None = None, *, per_relation: int = 40, se
                 prompts.append(templates[name].format(source=source, target=target))
                 labels.append(label)
                 groups.append(f"{name}:{source}")
-                kinds.append(name)
     return ProbeDataset("true_false", prompts, labels, groups, {"relations": names, "per_relation": per_relation,
                                                                   "seed": seed})
 

@@ -14,7 +14,6 @@ import contextlib
 import math
 from collections.abc import Iterator, Mapping, Sequence
 
-import torch
 from torch import Tensor
 
 from mechkit.errors import MechkitError

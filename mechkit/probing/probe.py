@@ -59,10 +59,6 @@ def _check_streams(streams: Sequence[str]) -> list[str]:
     return streams
 
 
-def _splits(dataset: ProbeDataset, labels: np.ndarray, groups, folds, test_size, seed):
-    return group_splits(len(labels), groups, labels, folds=folds, test_size=test_size, seed=seed)
-
-
 def _imbalance(labels: np.ndarray) -> dict:
     counts = np.bincount(labels, minlength=2)
     return {"class_counts": counts.tolist(), "majority_fraction": float(counts.max() / counts.sum())}
@@ -115,7 +111,7 @@ def probe_layers(
     model_list = list(models) if isinstance(models, (list, tuple)) else [models]
     loaded = [load_model(m) if isinstance(m, str) else m for m in model_list]
     labels = dataset.labels
-    splits = _splits(dataset, labels, dataset.groups, folds, test_size, seed)
+    splits = group_splits(len(labels), dataset.groups, labels, folds=folds, test_size=test_size, seed=seed)
     per_model = []
     for model in loaded:
         n_layers = model.cfg.n_layers
