@@ -16,12 +16,26 @@ def _masked(values: np.ndarray) -> np.ma.MaskedArray:
     return np.ma.masked_invalid(values)
 
 
+def _metric_label(metric: str) -> str:
+    return metric if metric == "accuracy" else metric.upper()
+
+
+def _finish_heatmap(fig: Figure, ax, image, values: np.ndarray, bar_label: str, annotate: bool) -> None:
+    """Optional cell annotations and a labelled colour bar, the same on every probing heatmap."""
+    if annotate:
+        for (i, j), v in np.ndenumerate(values):
+            if np.isfinite(v):
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=5)
+    bar = fig.colorbar(image, ax=ax, fraction=0.04, pad=0.02)
+    bar.set_label(bar_label)
+
+
 def layer_probe_figure(scores: LabelledArray, *, metric: str = "f1", vmin: float = 0.5, vmax: float = 1.0,
                        annotate: bool = False) -> Figure:
     """One panel per stream: model (y) x layer (x) heatmap of a probe metric, red (0.5) to green (1).
 
     ``scores`` is ``model x stream x layer x metric`` as :func:`mechkit.probe_layers` returns;
-    layers a model does not have are drawn blank (hatched).
+    layers a model does not have are drawn blank (grey).
     """
     data = scores.sel(metric=metric).transpose("stream", "model", "layer")
     streams, models, layers = data.labels["stream"], data.labels["model"], data.labels["layer"]
@@ -36,14 +50,9 @@ def layer_probe_figure(scores: LabelledArray, *, metric: str = "f1", vmin: float
         ax.set_yticks(range(len(models)))
         ax.set_yticklabels(models)
         ax.set_xlabel("Layer" if scores.attrs.get("align", "index") == "index" else "Relative depth")
-        ax.set_title(f"{STREAM_TITLES.get(stream, stream)} {metric.upper() if metric != 'accuracy' else 'accuracy'}")
-        if annotate:
-            for (i, j), v in np.ndenumerate(values):
-                if np.isfinite(v):
-                    ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=5)
-        bar = fig.colorbar(image, ax=ax, fraction=0.04, pad=0.02)
-        bar.set_label(f"held-out {metric}")
-    fig.suptitle(f"Linear probe {metric.upper() if metric != 'accuracy' else metric} by layer ({scores.attrs.get('dataset', '')})")
+        ax.set_title(f"{STREAM_TITLES.get(stream, stream)} {_metric_label(metric)}")
+        _finish_heatmap(fig, ax, image, values, f"held-out {metric}", annotate)
+    fig.suptitle(f"Linear probe {_metric_label(metric)} by layer ({scores.attrs.get('dataset', '')})")
     return fig
 
 
@@ -51,7 +60,8 @@ def position_probe_figure(scores: LabelledArray, *, metric: str = "auc", vmin: f
                           annotate: bool = False) -> Figure:
     """Layer (y) x position (x) heatmap of a probe metric for one model, blues from 0.5 to 1.
 
-    Positions with too few examples are drawn blank (hatched); counts are in the x tick labels' attrs.
+    Positions with too few examples are drawn blank (grey); their counts are in
+    ``scores.attrs["examples_per_position"]``.
     """
     data = scores.sel(metric=metric).transpose("layer", "position")
     layers, positions = data.labels["layer"], data.labels["position"]
@@ -64,11 +74,6 @@ def position_probe_figure(scores: LabelledArray, *, metric: str = "auc", vmin: f
     ax.set_yticks(range(0, len(layers), tick_step(len(layers), 16)))
     ax.set_xlabel("Token")
     ax.set_ylabel("Layer")
-    if annotate:
-        for (i, j), v in np.ndenumerate(data.values):
-            if np.isfinite(v):
-                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=5)
-    bar = fig.colorbar(image, ax=ax, fraction=0.04, pad=0.02)
-    bar.set_label(f"held-out {metric.upper()}")
-    ax.set_title(f"Probe {metric.upper()} by layer and token: {scores.provenance.model or ''}")
+    _finish_heatmap(fig, ax, image, data.values, f"held-out {_metric_label(metric)}", annotate)
+    ax.set_title(f"Probe {_metric_label(metric)} by layer and token: {scores.provenance.model or ''}")
     return fig
