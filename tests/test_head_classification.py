@@ -149,3 +149,11 @@ def test_head_top_mappings_show_a_planted_mapping():
     plant(model, 1, 2, [capital])
     top = head_top_mappings(model, 1, 2, [WORDS[0], WORDS[3]], k=3)
     assert top[WORDS[0]][0] == WORDS[150] and top[WORDS[3]][0] == WORDS[153]
+
+
+def test_meta_device_weights_are_refused_with_how_to_load():
+    model = tiny_model("llama", n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, seed=9)
+    layer = model.original_model.model.layers[0].self_attn
+    layer.v_proj.weight = torch.nn.Parameter(torch.empty_like(layer.v_proj.weight, device="meta"))
+    with pytest.raises(MechkitError, match="meta device .*load the model with"):
+        classify_heads(model, [relation("r", "knowledge", 0)], progress=False)
