@@ -50,10 +50,8 @@ def relation_rows(model, weights):
 
 @torch.no_grad()
 def head_scores(weights, x, layer, head, rows, naive: bool) -> list[float]:
-    W_V, W_O, W_U = weights.W_V(layer)[head].float(), weights.W_O(layer)[head].float(), weights.W_U().float()
-    block = weights.block(layer)
-    if hasattr(block, "ln1_post"):  # Gemma-3: fold the post-attention norm's gain, as classify_heads does
-        W_O = W_O * weights.norm_gain(block.ln1_post, weights.d_model, weights.device)
+    W_V, W_U = weights.W_V(layer)[head].float(), weights.W_U().float()
+    W_O = weights.W_O_into_residual(layer)[head]  # as classify_heads reads it (Gemma-3: norm gain folded)
     scores = []
     if naive:
         OU = W_O @ W_U  # d_head x V, as a naive implementation would build it per head

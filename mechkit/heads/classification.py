@@ -59,6 +59,7 @@ class TokenisedRelation:
     sources: Int[Tensor, " pair"]
     targets: Int[Tensor, " pair"]
     n_candidates: int
+    words: list[tuple[str, str]]  # the kept (source, target) words, aligned with the ids
 
     @property
     def n_kept(self) -> int:
@@ -73,16 +74,15 @@ def single_token(tokenizer, word: str) -> int | None:
 def tokenise_relation(model, relation: Relation) -> TokenisedRelation:
     """Keep the pairs whose source and target are single tokens for this model."""
     cache: dict[str, int | None] = {}
-    kept = []
+    kept: dict[tuple[int, int], tuple[str, str]] = {}
     for source, target in relation.pairs:
         for word in (source, target):
             if word not in cache:
                 cache[word] = single_token(model.tokenizer, word)
         if cache[source] is not None and cache[target] is not None:
-            kept.append((cache[source], cache[target]))
-    kept = list(dict.fromkeys(kept))  # two spellings can tokenise to the same pair
-    ids = torch.tensor(kept, dtype=torch.long).reshape(-1, 2)
-    return TokenisedRelation(relation, ids[:, 0], ids[:, 1], len(relation.pairs))
+            kept.setdefault((cache[source], cache[target]), (source, target))  # two spellings, one token pair
+    ids = torch.tensor(list(kept), dtype=torch.long).reshape(-1, 2)
+    return TokenisedRelation(relation, ids[:, 0], ids[:, 1], len(relation.pairs), list(kept.values()))
 
 
 @dataclass
@@ -268,8 +268,7 @@ def classify_heads(
     if final_norm:
         W_U = weights.norm_gain(model.ln_final, weights.d_model, device)[:, None] * W_U
         notes.append("final norm gain folded into W_U")
-    has_post = hasattr(weights.block(0), "ln1_post")
-    if has_post and fold_attn_out_norm:
+    if weights.has_attn_out_norm and fold_attn_out_norm:
         notes.append("the post-attention RMSNorm gain is folded into W_O (its per-token scale does not change ranks)")
     if effective_embedding == "mlp_out":
         notes.append("later-layer heads read layer 0's MLP output on the normalised embedding")
@@ -285,9 +284,8 @@ def classify_heads(
         block = weights.block(layer)
         if attn_norm:
             x = block.ln1(x[None])[0].float()
-        W_V, W_O = weights.W_V(layer).float(), weights.W_O(layer).float()
-        if has_post and fold_attn_out_norm:
-            W_O = W_O * weights.norm_gain(block.ln1_post, weights.d_model, device)
+        W_V = weights.W_V(layer).float()
+        W_O = weights.W_O_into_residual(layer, fold_attn_out_norm=fold_attn_out_norm)
         b_V, b_O = (weights.b_V(layer), weights.b_O(layer)) if biases else (None, None)
         for head in range(weights.n_heads):
             Y = x @ W_V[head]
@@ -334,8 +332,6 @@ def head_top_mappings(model, layer: int, head: int, words: list[str], *, k: int 
         raise MechkitError(f"not single tokens (with a leading space): {[w for w, i in zip(words, ids) if i is None]}")
     first, later = source_representations(weights, torch.tensor(ids), effective_embedding=effective_embedding)
     x = first if layer == 0 else later
-    W_O = weights.W_O(layer)[head].float()
-    if hasattr(weights.block(layer), "ln1_post"):
-        W_O = W_O * weights.norm_gain(weights.block(layer).ln1_post, weights.d_model, weights.device)
+    W_O = weights.W_O_into_residual(layer)[head]
     _, top = projection_topk(x @ weights.W_V(layer)[head].float(), W_O, k, C=weights.W_U().float())
     return {w: [model.tokenizer.decode([int(t)]) for t in row] for w, row in zip(words, top)}

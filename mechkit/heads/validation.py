@@ -88,11 +88,9 @@ def dynamic_check(
     prompts, targets, owners = [], [], []
     for name in names:
         tok = tokenise_relation(model, known[name])
-        words = {w for pair in known[name].pairs for w in pair}
-        by_id = {model.tokenizer(" " + w, add_special_tokens=False)["input_ids"][0]: w for w in words}
         chosen = rng.sample(range(tok.n_kept), min(n_pairs, tok.n_kept))
         for i in chosen:
-            source = by_id[int(tok.sources[i])]
+            source = tok.words[i][0]
             for template in templates:
                 text = template.format(source)
                 start = text.index(source)
@@ -107,16 +105,14 @@ def dynamic_check(
     k_of = np.array([classification.relations[o]["k"] for o in owners])
     k_max = int(k_of.max())
     W_U = weights.W_U().float()
-    fold = "post-attention RMSNorm" in " ".join(classification.notes)
+    fold = classification.scores.provenance.settings.get("fold_attn_out_norm", True)
     shape = (len(layers), weights.n_heads, len(names))
     context, forced = np.zeros(shape), np.zeros(shape)
     bar = tqdm(total=len(layers) * weights.n_heads, desc="dynamic check", unit="head", disable=not progress)
     for li, layer in enumerate(layers):
         z = acts[f"blocks.{layer}.attn.hook_z"][:, 0].float()  # (prompt, head, d_head) at the last token
         v = acts[f"blocks.{layer}.attn.hook_v"][:, 1].float()  # (prompt, kv_head, d_head) at the source
-        W_O = weights.W_O(layer).float()
-        if fold:
-            W_O = W_O * weights.norm_gain(weights.block(layer).ln1_post, weights.d_model, weights.device)
+        W_O = weights.W_O_into_residual(layer, fold_attn_out_norm=fold)
         for head in range(weights.n_heads):
             for values, Y in ((context, z[:, head]), (forced, v[:, weights.kv_head(head)])):
                 hit = (projection_rank(Y, W_O[head], target_ids, C=W_U, k=k_max).numpy() < k_of)
@@ -159,9 +155,7 @@ def ablation_check(
     if relation not in classification.scores.labels["relation"] or relation not in known:
         raise MechkitError(f"relation {relation!r} was not classified; choose one of {classification.scores.labels['relation']}")
     tok = tokenise_relation(model, known[relation])
-    words = {w for pair in known[relation].pairs for w in pair}
-    by_id = {model.tokenizer(" " + w, add_special_tokens=False)["input_ids"][0]: w for w in words}
-    pairs = [(by_id[int(s)], by_id[int(t)], int(t)) for s, t in zip(tok.sources, tok.targets)]
+    pairs = [(source, target, int(t)) for (source, target), t in zip(tok.words, tok.targets)]
     rng = random.Random(seed)
     prompts, answers = [], []
     for _ in range(n_prompts):

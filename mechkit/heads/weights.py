@@ -46,6 +46,19 @@ class BridgeWeights:
     def W_O(self, layer: int) -> Float[Tensor, "head d_head d_model"]:
         return self._W_O[layer]
 
+    @property
+    def has_attn_out_norm(self) -> bool:
+        """Whether each attention output is normalised before the residual (Gemma-3's post-attention norm)."""
+        return hasattr(self.block(0), "ln1_post")
+
+    def W_O_into_residual(self, layer: int, *, fold_attn_out_norm: bool = True) -> Float[Tensor, "head d_head d_model"]:
+        """``W_O`` in float32, times the post-attention norm's gain where the model has one
+        (its per-token scale does not change ranks, so this is what reaches the residual up to scale)."""
+        W_O = self.W_O(layer).float()
+        if fold_attn_out_norm and self.has_attn_out_norm:
+            W_O = W_O * self.norm_gain(self.block(layer).ln1_post, self.d_model, self.device)
+        return W_O
+
     def b_V(self, layer: int) -> Float[Tensor, "head d_head"] | None:
         try:
             b = self.model.b_V[layer]
