@@ -50,8 +50,7 @@ def read_prompts(path: Path) -> list:
         for number, line in enumerate(lines, 1):
             try:
                 row = json.loads(line)
-                prompts.append(Prompt(row["text"], {k: tuple(v) for k, v in row.get("spans", {}).items()},
-                                      bool(row.get("chat", False))))
+                prompts.append(Prompt.from_record(row))
             except (json.JSONDecodeError, KeyError, TypeError) as error:
                 raise MechkitError(f"{path}:{number}: expected a JSON object with a 'text' field ({error})") from None
         return prompts

@@ -87,8 +87,7 @@ class ProbeDataset:
         for number, row in enumerate(rows, 1):
             if "text" not in row or "label" not in row:
                 raise MechkitError(f"{path}: record {number} lacks a 'text' or 'label' field: {row}")
-        prompts = [Prompt(r["text"], {k: tuple(v) for k, v in (r.get("spans") or {}).items()}, bool(r.get("chat", False)))
-                   for r in rows]
+        prompts = [Prompt.from_record(r) for r in rows]
         try:
             labels = [int(r["label"]) for r in rows]
         except ValueError as error:

@@ -36,6 +36,12 @@ class Prompt:
     spans: Mapping[str, tuple[int, int]] = field(default_factory=dict)
     chat: bool = False
 
+    @classmethod
+    def from_record(cls, record: Mapping) -> Prompt:
+        """From a JSON-like record ``{"text": ..., "spans": {name: [start, end]}?, "chat": bool?}``."""
+        spans = {name: tuple(span) for name, span in (record.get("spans") or {}).items()}
+        return cls(record["text"], spans, bool(record.get("chat", False)))
+
     def __post_init__(self) -> None:
         if not isinstance(self.text, str):
             raise MechkitError(f"a prompt must be a string, got {type(self.text).__name__}")
