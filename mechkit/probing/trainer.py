@@ -66,9 +66,23 @@ def fit_probes(
     balanced: bool = False,
     max_iter: int = 500,
     tol: float = 1e-5,
+    group_size: int | None = None,
 ) -> BatchedProbe:
-    """Fit one logistic-regression probe per cell, all cells in one batched L-BFGS solve."""
+    """Fit one logistic-regression probe per cell, ``group_size`` cells per batched L-BFGS solve.
+
+    A joint solve runs every cell in it until the slowest converges, so on a CPU (where a
+    cell's data fits in cache and batching buys little) the default solves one cell at a
+    time: measured 3.5 s against 10.2 s for 36 Gemma cells solved jointly. On a GPU the
+    default is all cells at once.
+    """
     check_features(X, y)
+    if group_size is None:
+        group_size = X.shape[0] if X.device.type == "cuda" else 1
+    if group_size < X.shape[0]:
+        parts = [fit_probes(X[s:s + group_size], y, C=C, balanced=balanced, max_iter=max_iter, tol=tol,
+                            group_size=group_size) for s in range(0, X.shape[0], group_size)]
+        return BatchedProbe(*(torch.cat([getattr(p, f) for p in parts]) for f in ("weight", "bias", "mean", "scale")),
+                            max(p.iterations for p in parts))
     X = X.float()
     mean = X.mean(1)
     scale = X.std(1, unbiased=False).clamp_min(1e-12)
