@@ -39,7 +39,7 @@ def layer_probe_figure(scores: LabelledArray, *, metric: str = "f1", vmin: float
     """
     data = scores.sel(metric=metric).transpose("stream", "model", "layer")
     streams, models, layers = data.labels["stream"], data.labels["model"], data.labels["layer"]
-    fig, axes = new_figure(len(streams), panel_size=(0.5 + 0.28 * len(layers), 1.5 + 0.45 * len(models)), max_cols=2,
+    fig, axes = new_figure(len(streams), panel_size=(max(3.5, 0.5 + 0.28 * len(layers)), 1.5 + 0.45 * len(models)), max_cols=2,
                            sharey=True)
     for ax, stream in zip(axes, streams):
         values = data.sel(stream=stream).values
