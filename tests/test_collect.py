@@ -162,3 +162,12 @@ def test_shapes_come_from_a_dry_run(tiny_llama):
     assert got["blocks.1.attn.hook_k"].shape == (5, 1, cfg.n_key_value_heads, cfg.d_head)
     assert got["blocks.1.mlp.hook_post"].shape == (5, 1, cfg.d_mlp)
     assert got["blocks.0.attn.hook_q"].shape == (5, 1, cfg.n_heads, cfg.d_head)
+
+
+def test_activation_set_save_load_round_trip(tiny_llama, tmp_path):
+    acts = collect_activations(tiny_llama, PROMPTS, HOOKS, [-1, 0], progress=False)
+    back = ActivationSet.load(acts.save(tmp_path / "saved"), mmap=False)
+    for h in HOOKS:
+        assert torch.equal(back[h], acts[h])
+    assert back.positions == acts.positions and back.examples == acts.examples
+    assert torch.equal(back.token_ids, acts.token_ids) and back.provenance == acts.provenance

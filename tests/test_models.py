@@ -73,3 +73,19 @@ def test_tiny_config_refuses_impossible_shapes():
         TinyConfig(n_heads=4, n_kv_heads=3)
     with pytest.raises(ValueError, match="arch must be"):
         TinyConfig(arch="mamba")
+
+
+def test_registered_cache_models_load_by_name(tmp_path, monkeypatch):
+    from mechkit.models import register_cached_model
+    from mechkit.models.cache import models_dir
+
+    monkeypatch.setenv("MECHKIT_CACHE", str(tmp_path))
+    folder = models_dir() / "tiny-edited"
+    hf_model, tokenizer, _ = tiny_hf_model("llama", n_layers=2, d_model=32, n_heads=4, n_kv_heads=2)
+    hf_model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    register_cached_model("tiny+edited", folder, kind="edited", description="a test edit")
+    rows = {row["name"]: row for row in mechkit.list_models()}
+    assert rows["tiny+edited"]["kind"] == "edited"
+    model = mechkit.load_model("tiny+edited")
+    assert model.mechkit.name == "tiny+edited" and model.mechkit.source == "edited"

@@ -153,3 +153,17 @@ def test_qa_answers_are_located_in_generations():
     start, end = locate_answer("author", text)
     assert text[start:end] == "Charlotte Brontë"  # the longest candidate wins over "Brontë"
     assert is_correct({"answer": "Kyiv", "aliases": ["Kiev"]}, "kiev")
+
+
+def test_relative_alignment_and_result_round_trip(tiny_llama, tmp_path):
+    from mechkit.models.synthetic import tiny_model
+    from mechkit.probing import ProbeResult
+
+    deeper = tiny_model("llama", n_layers=5, d_model=32, n_heads=4, n_kv_heads=2, seed=2)
+    result = probe_layers([tiny_llama, deeper], token_dataset(), ["resid_post"], align="relative", control=1,
+                          progress=False)
+    assert result.scores.labels["layer"] == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert not np.isnan(result.scores.values).any()  # every model fills every relative-depth bin
+    result.save(tmp_path / "probe")
+    back = ProbeResult.load(tmp_path / "probe")
+    assert back.scores == result.scores and back.control == result.control
