@@ -131,8 +131,11 @@ class HeadClassification:
     def save(self, folder: str | os.PathLike) -> Path:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        self.scores.attrs.update(threshold=self.threshold, relations=self.relations, notes=self.notes)
-        self.scores.save(folder / "scores.npz")
+        scores = LabelledArray(self.scores.values, self.scores.axes, self.scores.labels, name=self.scores.name,
+                               provenance=self.scores.provenance,
+                               attrs={**self.scores.attrs, "threshold": self.threshold, "relations": self.relations,
+                                      "notes": self.notes})
+        scores.save(folder / "scores.npz")  # the classification's own fields travel in the scores' attrs
         self.suppression.save(folder / "suppression.npz")
         if self.null_scores is not None:
             self.null_scores.save(folder / "null_scores.npz")
@@ -142,10 +145,10 @@ class HeadClassification:
     def load(cls, folder: str | os.PathLike) -> HeadClassification:
         folder = Path(folder)
         scores = LabelledArray.load(folder / "scores.npz")
+        threshold, relations, notes = (scores.attrs.pop(key) for key in ("threshold", "relations", "notes"))
         null = folder / "null_scores.npz"
         return cls(scores, LabelledArray.load(folder / "suppression.npz"),
-                   LabelledArray.load(null) if null.exists() else None, scores.attrs["threshold"],
-                   scores.attrs["relations"], scores.attrs["notes"])
+                   LabelledArray.load(null) if null.exists() else None, threshold, relations, notes)
 
 
 def _as_relations(relations) -> list[Relation]:
