@@ -21,7 +21,7 @@ from transformer_lens.model_bridge import TransformerBridge
 from mechkit.errors import ModelNotFoundError
 from mechkit.models.cache import models_dir
 from mechkit.models.fingerprint import hash_state_dict
-from mechkit.models.gguf import convert_gguf
+from mechkit.models.gguf import convert_gguf, file_sha256
 from mechkit.models.registry import (
     BUNDLED,
     DEFAULT_MODEL,
@@ -83,11 +83,11 @@ def _boot(hf_model, tokenizer, name: str, device, dtype: torch.dtype, weights_ha
     # Read before booting: the bridge swaps in a tokenizer that always adds BOS, and wraps
     # the HF modules (renaming every parameter), so hash the weights now.
     prepend_bos = tokenizer_prepends_bos(tokenizer)
+    hf_model = hf_model.to(dtype=dtype)
     if weights_hash is None:
-        weights_hash = hash_state_dict(hf_model.to(dtype=dtype))
+        weights_hash = hash_state_dict(hf_model)
     if not getattr(hf_model.config, "architectures", None):
         hf_model.config.architectures = [type(hf_model).__name__]
-    hf_model = hf_model.to(dtype=dtype)
     if device is not None:
         hf_model = hf_model.to(device)
     hf_model.eval()
@@ -132,8 +132,6 @@ def _ensure_bundled(name: str) -> Path:
 
 
 def _converted_gguf_folder(path: Path) -> Path:
-    from mechkit.models.gguf import file_sha256
-
     digest = file_sha256(path)[:16]
     folder = models_dir() / f"gguf-{path.stem}-{digest}"
     if not (folder / "mechkit.json").exists():
