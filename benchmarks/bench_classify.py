@@ -38,13 +38,13 @@ from mechkit.data import builtin_relations  # noqa: E402
 from mechkit.heads.weights import BridgeWeights  # noqa: E402
 
 
-def relation_rows(model, weights):
-    """Per usable relation: source ids, target ids, k (as classify_heads chooses them)."""
+def relation_rows(model, result):
+    """Per relation the run classified: source ids, target ids and the k it used (read from the result)."""
+    by_name = {r.name: r for r in builtin_relations()}
     rows = []
-    for relation in builtin_relations():
-        tok = classification.tokenise_relation(model, relation)
-        if tok.n_kept >= classification.MIN_PAIRS:
-            rows.append((relation.name, tok.sources, tok.targets, classification._default_k(relation, weights.d_vocab, False)))
+    for name in result.scores.labels["relation"]:
+        tok = classification.tokenise_relation(model, by_name[name])
+        rows.append((name, tok.sources, tok.targets, result.relations[name]["k"]))
     return rows
 
 
@@ -97,7 +97,7 @@ def run(name: str, sample_heads: int) -> list[list[object]]:
           f"cells at threshold {float((result.scores.values >= result.threshold).mean()):.4f}, "
           f"shuffled-target null {result.false_positive_rate():.5f}")
 
-    rows = relation_rows(model, weights)
+    rows = relation_rows(model, result)
     all_sources = torch.cat([s for _, s, _, _ in rows]).unique()
     first, later = classification.source_representations(weights, all_sources)
     index = {int(t): i for i, t in enumerate(all_sources)}
