@@ -77,3 +77,28 @@ def test_dynamic_check_forced_variant_recovers_a_planted_layer0_head():
     assert check.n_prompts == {"capital": 40}
     with pytest.raises(MechkitError, match="placeholder"):
         dynamic_check(model, result, [capital], templates=("no placeholder",), progress=False)
+
+
+def test_dynamic_check_spans_the_placeholder_even_when_the_template_repeats_the_word():
+    from mechkit.data import Relation
+
+    model = tiny_model("llama", words=WORDS + ["story"], n_layers=1, n_heads=4, n_kv_heads=2, d_head=64, d_model=96,
+                       seed=5)
+    rel = Relation("r", "knowledge", [("story", "v150")] + [(WORDS[i], WORDS[150 + i]) for i in range(1, 30)])
+    result = classify_heads(model, [rel], progress=False)
+    seen = []
+    import mechkit.heads.validation as validation
+
+    real = validation.collect_activations
+
+    def spy(model, prompts, *args, **kwargs):
+        seen.extend(prompts)
+        return real(model, prompts, *args, **kwargs)
+
+    validation.collect_activations = spy
+    try:
+        dynamic_check(model, result, [rel], n_pairs=30, templates=("The story of {} contains",), progress=False)
+    finally:
+        validation.collect_activations = real
+    (prompt,) = [p for p in seen if p.text == "The story of story contains"]
+    assert prompt.text[slice(*prompt.spans["source"])] == "story" and prompt.spans["source"][0] == 13

@@ -93,7 +93,7 @@ def dynamic_check(
             source = tok.words[i][0]
             for template in templates:
                 text = template.format(source)
-                start = text.index(source)
+                start = template.index("{}")  # not text.index(source): "The story of story contains"
                 prompts.append(Prompt(text, spans={"source": (start, start + len(source))}))
                 targets.append(int(tok.targets[i]))
                 owners.append(name)
