@@ -6,19 +6,50 @@ The entry points, importable from the top level::
     model = mechkit.load_model("gemma-3-270m")
     acts = mechkit.collect_activations(model, prompts, ["blocks.8.hook_resid_post"], [-1])
     heads = mechkit.classify_heads(model)                       # MAPS, from the weights
+    heads = mechkit.classify_heads(mechkit.CheckpointWeights(folder))  # ... read one layer at a time
+    heads = mechkit.classify_heads_distributed(model)           # sharded by layer under torchrun
     layers = mechkit.probe_layers(model, mechkit.ProbeDataset(...))
 """
 
 __version__ = "0.1.0"
 
-from mechkit.activations import Prompt, collect_activations
-from mechkit.data import ProbeDataset, Relation
+import importlib
+from typing import TYPE_CHECKING
+
 from mechkit.errors import MechkitError, MemoryBudgetError, ModelNotFoundError
-from mechkit.heads import classify_heads
-from mechkit.heads.interventions import scale_heads
-from mechkit.models import list_models, load_model
-from mechkit.probing import probe_layers, probe_positions
-from mechkit.results import LabelledArray
+
+# Entry points are imported on first use, so that ``import mechkit.kernels`` (e.g. on a GPU
+# machine running only the kernels) does not pull in TransformerLens and transformers.
+_ENTRY_POINTS = {
+    "Prompt": "mechkit.activations", "collect_activations": "mechkit.activations",
+    "ProbeDataset": "mechkit.data", "Relation": "mechkit.data",
+    "classify_heads": "mechkit.heads", "scale_heads": "mechkit.heads.interventions",
+    "list_models": "mechkit.models", "load_model": "mechkit.models",
+    "probe_layers": "mechkit.probing", "probe_positions": "mechkit.probing",
+    "LabelledArray": "mechkit.results",
+}
+
+if TYPE_CHECKING:
+    from mechkit.activations import Prompt, collect_activations
+    from mechkit.data import ProbeDataset, Relation
+    from mechkit.heads import classify_heads
+    from mechkit.heads.interventions import scale_heads
+    from mechkit.models import list_models, load_model
+    from mechkit.probing import probe_layers, probe_positions
+    from mechkit.results import LabelledArray
+
+
+def __getattr__(name: str):
+    if name in _ENTRY_POINTS:
+        value = getattr(importlib.import_module(_ENTRY_POINTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'mechkit' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
 
 __all__ = [
     "LabelledArray", "MechkitError", "MemoryBudgetError", "ModelNotFoundError", "ProbeDataset", "Prompt", "Relation",

@@ -1,0 +1,118 @@
+"""The Triton projection kernels agree with the torch reference on fresh random inputs.
+
+On a machine without a CUDA GPU the kernels run under Triton's interpreter
+(``TRITON_INTERPRET=1``, set in conftest.py before Triton is first imported); on a GPU the same tests
+compile and run them for real. Sizes are deliberately odd (not multiples of any block).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from mechkit.errors import MechkitError
+
+CUDA = torch.cuda.is_available()
+
+triton = pytest.importorskip("triton")
+
+from mechkit.kernels import projection_rank, projection_topk  # noqa: E402
+from mechkit.kernels.projection import projection_rank_reference  # noqa: E402
+
+DEVICE = "cuda" if CUDA else "cpu"
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def _inputs(seed: int, heads: int, n: int, r: int, vocab: int, dtype: torch.dtype):
+    g = torch.Generator().manual_seed(seed)
+    Y = torch.randn(heads, n, r, generator=g).to(dtype).to(DEVICE)
+    B = torch.randn(heads, r, vocab, generator=g).to(dtype).to(DEVICE)
+    targets = torch.randint(0, vocab, (heads, n), generator=g).to(DEVICE)
+    return Y, B, targets
+
+
+def _rank_bounds(Y, B, targets, eps: float):
+    """Ranks any correct float32 computation can give: strictly-larger counts with the
+    target's float64 score moved up (fewest) or down (most) by ``eps`` relative."""
+    scores = Y.double() @ B.double()
+    own = scores.gather(-1, targets[..., None])
+    tol = eps * scores.abs().amax(-1, keepdim=True)
+    not_own = torch.ones_like(scores, dtype=torch.bool).scatter_(-1, targets[..., None], False)
+    low = ((scores > own + tol) & not_own).sum(-1)
+    high = ((scores > own - tol) & not_own).sum(-1)
+    return low, high
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_triton_rank_matches_the_reference_on_odd_sizes(dtype, seed):
+    Y, B, targets = _inputs(seed, heads=3, n=45, r=40, vocab=1237, dtype=dtype)
+    got = projection_rank(Y, B, targets, backend="triton")
+    ref = projection_rank(Y, B, targets, backend="reference")
+    low, high = _rank_bounds(Y, B, targets, eps=1e-5)
+    assert ((got >= low) & (got <= high)).all(), "a Triton rank lies outside what float32 rounding allows"
+    assert ((ref >= low) & (ref <= high)).all()
+    assert (got == ref).float().mean() >= 0.98  # near-ties aside, the two paths agree row for row
+    capped = projection_rank(Y, B, targets, k=7, backend="triton")
+    assert torch.equal(capped, got.clamp(max=7)) or ((capped != got.clamp(max=7)).sum() <= 1)
+
+
+def test_triton_rank_with_a_shared_and_a_factored_projection():
+    g = torch.Generator().manual_seed(3)
+    Y = torch.randn(2, 33, 24, generator=g).to(DEVICE)
+    A = torch.randn(24, 50, generator=g).to(DEVICE)
+    C = torch.randn(50, 611, generator=g).to(DEVICE)
+    targets = torch.randint(0, 611, (2, 33), generator=g).to(DEVICE)
+    for B, factor in ((A @ C, None), (A, C)):  # shared (r, V) for all heads; factored A @ C
+        got = projection_rank(Y, B, targets, C=factor, backend="triton")
+        low, high = _rank_bounds(Y, (A @ C)[None].expand(2, -1, -1), targets, eps=1e-5)
+        assert ((got >= low) & (got <= high)).all()
+    single = projection_rank(Y[0], A @ C, targets[0], backend="triton")  # the unbatched form
+    assert torch.equal(single, projection_rank_reference(Y[0], A @ C, targets[0])) or (
+        (single != projection_rank_reference(Y[0], A @ C, targets[0])).sum() <= 1)
+
+
+@pytest.mark.parametrize(("dtype", "k"), [(torch.float32, 5), (torch.bfloat16, 37), (torch.float16, 1)])
+def test_triton_topk_matches_the_reference_on_odd_sizes(dtype, k):
+    # Small vocabulary: the interpreter runs the bitonic top-k slowly (seconds per tile).
+    Y, B, _ = _inputs(7, heads=2, n=29, r=40, vocab=301, dtype=dtype)
+    scores, index = projection_topk(Y, B, k, backend="triton")
+    ref_scores, ref_index = projection_topk(Y, B, k, backend="reference")
+    assert scores.shape == index.shape == (2, 29, k)
+    torch.testing.assert_close(scores, ref_scores, rtol=1e-4, atol=1e-4)
+    assert (scores[..., :-1] >= scores[..., 1:]).all()  # descending
+    exact = Y.double() @ B.double()
+    torch.testing.assert_close(exact.gather(-1, index).float(), scores, rtol=1e-4, atol=1e-4)  # each index holds its score
+    assert (index == ref_index).float().mean() >= 0.99
+
+
+def test_triton_topk_breaks_ties_towards_the_lower_index():
+    Y = torch.ones(1, 3, 16, device=DEVICE)
+    B = torch.zeros(1, 16, 300, device=DEVICE)
+    B[..., [7, 250, 100]] = 1.0  # three equal top scores
+    _, index = projection_topk(Y, B, 4, backend="triton")
+    assert index[0, 0].tolist() == [7, 100, 250, 0]
+
+
+def test_requesting_triton_without_a_gpu_falls_back_with_a_notice(monkeypatch):
+    if CUDA:
+        pytest.skip("a GPU is present")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    Y, B, targets = _inputs(0, heads=1, n=5, r=8, vocab=50, dtype=torch.float32)
+    with pytest.warns(UserWarning, match="Triton requested but"):
+        got = projection_rank(Y, B, targets, backend="triton")
+    assert torch.equal(got, projection_rank(Y, B, targets, backend="reference"))
+
+
+def test_batched_and_backend_errors_are_clear():
+    Y, B, targets = _inputs(0, heads=2, n=5, r=8, vocab=50, dtype=torch.float32)
+    with pytest.raises(MechkitError, match="batched form"):
+        projection_rank(Y, B[:1], targets)
+    with pytest.raises(MechkitError, match="backend must be one of"):
+        projection_rank(Y, B, targets, backend="cuda")
+    with pytest.raises(MechkitError, match="k=60"):
+        projection_topk(Y, B, 60, backend="triton")
+    with pytest.raises(MechkitError, match="must lie in"):
+        projection_rank(Y, B, targets + 50, backend="triton")
