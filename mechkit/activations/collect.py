@@ -26,6 +26,7 @@ from mechkit.activations.positions import Position, as_position
 from mechkit.data.prompts import EncodedPrompt, Prompt, as_prompts, encode
 from mechkit.activations.store import ActivationSet, DiskWriter
 from mechkit.errors import MechkitError
+from mechkit.models.loading import input_device
 from mechkit.results import Provenance, data_hash
 
 LOGITS = "logits"
@@ -106,7 +107,7 @@ def _dry_run_shapes(model, prompt: EncodedPrompt, hooks: list[str], stop_layer: 
     """Trailing shape of each hook's activation (after batch and position), from one short example."""
     tokens = torch.tensor([prompt.ids[:4]])
     where = torch.zeros((1, 1), dtype=torch.long)
-    device = next(model.parameters()).device
+    device = input_device(model)  # the embedding's device: layers may sit on others (device_map)
     captured = _run(model, tokens.to(device), torch.ones_like(tokens).to(device), where.to(device), hooks,
                     stop_layer, torch.float32)
     return {h: tuple(captured[h].shape[2:]) for h in hooks}
@@ -213,7 +214,7 @@ def collect_activations(
 
     pad_id = model.tokenizer.pad_token_id
     pad_id = pad_id if pad_id is not None else 0
-    device = next(model.parameters()).device
+    device = input_device(model)  # the embedding's device: layers may sit on others (device_map)
     bar = tqdm(total=n, desc="collecting activations", unit="prompt", disable=not progress)
     for b, rows in enumerate(batches):
         if writer is not None and b in writer.done:
@@ -262,7 +263,8 @@ def _run(model, tokens, mask, where, hooks: list[str], stop_layer: int | None, d
     def keeper(name: str):
         # Hook names may be aliases (hook_resid_post is blocks.L.hook_out): key by the request.
         def keep(activation: Tensor, hook) -> None:
-            captured[name] = activation[rows, where].to("cpu", dtype)
+            on = activation.device  # this layer's device under a device_map
+            captured[name] = activation[rows.to(on), where.to(on)].to("cpu", dtype)
 
         return keep
 
@@ -278,5 +280,5 @@ def _run(model, tokens, mask, where, hooks: list[str], stop_layer: int | None, d
         except _StopForward:
             logits = None
     if LOGITS in hooks:
-        captured[LOGITS] = logits[rows, where].to("cpu", dtype)
+        captured[LOGITS] = logits[rows.to(logits.device), where.to(logits.device)].to("cpu", dtype)
     return captured

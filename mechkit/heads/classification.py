@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 
 from mechkit.data.relations import CATEGORIES, Relation, builtin_relations
 from mechkit.errors import MechkitError
-from mechkit.heads.weights import BridgeWeights
+from mechkit.heads.weights import WeightSource, as_weights
 from mechkit.kernels import projection_rank, projection_topk
 from mechkit.results import LabelledArray, Provenance
 
@@ -175,7 +175,7 @@ EFFECTIVE_EMBEDDINGS = (True, "residual", "mlp_out", False)
 
 
 @torch.no_grad()
-def source_representations(weights: BridgeWeights, tokens: Tensor, *,
+def source_representations(weights: WeightSource, tokens: Tensor, *,
                            effective_embedding: bool | str = True) -> tuple[Tensor, Tensor]:
     """``x_s`` for layer-0 heads (embedding rows) and for later heads (see the module doc)."""
     if effective_embedding not in EFFECTIVE_EMBEDDINGS:
@@ -216,7 +216,8 @@ def classify_heads(
     """Classify every attention head by the relations its OV circuit implements (MAPS).
 
     Args:
-        model: a TransformerBridge.
+        model: a TransformerBridge, or a weight source such as
+            :class:`~mechkit.heads.weights.CheckpointWeights` (a checkpoint read one layer at a time).
         relations: ``None`` for the built-in relations, or a list of :class:`~mechkit.data.Relation`.
         k: top-k for every relation (default 1 for copying, 10 otherwise; see ``scale_k``).
         threshold: a head implements a relation when its score is at least this (default
@@ -233,7 +234,7 @@ def classify_heads(
     """
     if not 0.0 <= threshold <= 1.0:
         raise MechkitError(f"threshold must lie in [0, 1], got {threshold}")
-    weights = BridgeWeights(model)
+    weights = as_weights(model)
     if k is not None and not 1 <= k <= weights.d_vocab:
         raise MechkitError(f"k={k} must be between 1 and the vocabulary size {weights.d_vocab}")
     layer_list = list(range(weights.n_layers)) if layers is None else list(layers)
@@ -269,7 +270,7 @@ def classify_heads(
     x_first, x_later = source_representations(weights, sources, effective_embedding=effective_embedding)
     W_U = weights.W_U().float()
     if final_norm:
-        W_U = weights.norm_gain(model.ln_final, weights.d_model, device)[:, None] * W_U
+        W_U = weights.final_norm_gain().float()[:, None] * W_U
         notes.append("final norm gain folded into W_U")
     if weights.has_attn_out_norm and fold_attn_out_norm:
         notes.append("the post-attention RMSNorm gain is folded into W_O (its per-token scale does not change ranks)")
@@ -329,7 +330,7 @@ def head_top_mappings(model, layer: int, head: int, words: list[str], *, k: int 
 
     The view a researcher looks at first for a strong head, e.g. ``{" France": [" Paris", ...]}``.
     """
-    weights = BridgeWeights(model)
+    weights = as_weights(model)
     ids = [single_token(model.tokenizer, w) for w in words]
     if any(i is None for i in ids):
         raise MechkitError(f"not single tokens (with a leading space): {[w for w, i in zip(words, ids) if i is None]}")

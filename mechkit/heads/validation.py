@@ -100,7 +100,7 @@ def dynamic_check(
     hooks = [f"blocks.{l}.attn.hook_z" for l in layers] + [f"blocks.{l}.attn.hook_v" for l in layers]
     acts = collect_activations(model, prompts, hooks, [-1, "span:source:last"], batch_size=batch_size,
                                progress=progress)
-    target_ids = torch.tensor(targets)
+    target_ids = torch.tensor(targets, device=weights.device)
     owner = np.array(owners)
     k_of = np.array([classification.relations[o]["k"] for o in owners])
     k_max = int(k_of.max())
@@ -110,12 +110,12 @@ def dynamic_check(
     context, forced = np.zeros(shape), np.zeros(shape)
     bar = tqdm(total=len(layers) * weights.n_heads, desc="dynamic check", unit="head", disable=not progress)
     for li, layer in enumerate(layers):
-        z = acts[f"blocks.{layer}.attn.hook_z"][:, 0].float()  # (prompt, head, d_head) at the last token
-        v = acts[f"blocks.{layer}.attn.hook_v"][:, 1].float()  # (prompt, kv_head, d_head) at the source
+        z = acts[f"blocks.{layer}.attn.hook_z"][:, 0].float().to(weights.device)  # (prompt, head, d_head) at the last token
+        v = acts[f"blocks.{layer}.attn.hook_v"][:, 1].float().to(weights.device)  # (prompt, kv_head, d_head) at the source
         W_O = weights.W_O_into_residual(layer, fold_attn_out_norm=fold)
         for head in range(weights.n_heads):
             for values, Y in ((context, z[:, head]), (forced, v[:, weights.kv_head(head)])):
-                hit = (projection_rank(Y, W_O[head], target_ids, C=W_U, k=k_max).numpy() < k_of)
+                hit = (projection_rank(Y, W_O[head], target_ids, C=W_U, k=k_max).cpu().numpy() < k_of)
                 values[li, head] = [hit[owner == n].mean() for n in names]
             bar.update()
     bar.close()

@@ -4,12 +4,17 @@ Accepted: a bundled short name (converted from its GGUF once, then loaded from t
 cache), any model saved in the cache (e.g. edited ones), a local Hugging Face folder,
 a ``.gguf`` file, or a hub id (only with a network, or when already in the local HF
 cache). The bridge returned runs in raw mode: its logits equal the HF model's.
+
+Large models: ``device_map=`` / ``n_devices=`` place layers across GPUs (or offload some
+to CPU or disk) through accelerate, as TransformerLens 4 does; analyses move tensors to
+where they are needed.
 """
 
 from __future__ import annotations
 
 import os
 import socket
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +23,7 @@ from urllib.parse import urlparse
 import torch
 from transformer_lens.model_bridge import TransformerBridge
 
-from mechkit.errors import ModelNotFoundError
+from mechkit.errors import MechkitError, ModelNotFoundError
 from mechkit.models.cache import models_dir
 from mechkit.models.fingerprint import hash_state_dict
 from mechkit.models.gguf import convert_gguf, file_sha256
@@ -42,14 +47,15 @@ class ModelInfo:
     prepend_bos: bool = True
     _weights_hash: str | None = field(default=None, repr=False)
 
-    def weights_hash(self, model: torch.nn.Module) -> str:
+    def weights_hash(self, model: object) -> str:
         """Hash of the weights as loaded (taken before the bridge wrapped the HF modules)."""
         if self._weights_hash is None:  # a model mechkit did not load: hash what is there
-            self._weights_hash = hash_state_dict(model)
+            hasher = getattr(model, "hash_weights", None)  # weight sources that read from disk
+            self._weights_hash = hasher() if callable(hasher) else hash_state_dict(model)
         return self._weights_hash
 
 
-def model_info(model: torch.nn.Module) -> ModelInfo:
+def model_info(model: object) -> ModelInfo:
     """The :class:`ModelInfo` of a bridge (a bare one for bridges mechkit did not load)."""
     info = getattr(model, "mechkit", None)
     if info is None:
@@ -57,6 +63,56 @@ def model_info(model: torch.nn.Module) -> ModelInfo:
         info = ModelInfo(name=str(name), source="external")
         model.mechkit = info
     return info
+
+
+def input_device(model) -> torch.device:
+    """Where a model's inputs go: the embedding's device (``cfg.device``; layers may sit elsewhere)."""
+    device = getattr(getattr(model, "cfg", None), "device", None)
+    return torch.device(device) if device is not None else next(model.parameters()).device
+
+
+@dataclass(frozen=True)
+class Placement:
+    """How accelerate spreads a model over devices (``load_model``'s device_map/n_devices/max_memory)."""
+
+    device_map: str | dict | None = None
+    max_memory: dict | None = None
+    offload_folder: str | None = None
+
+    def from_pretrained_kwargs(self) -> dict:
+        kwargs = {"device_map": self.device_map, "max_memory": self.max_memory, "offload_folder": self.offload_folder}
+        return {k: v for k, v in kwargs.items() if v is not None}
+
+
+def _placement(device, device_map, n_devices, max_memory, offload_folder) -> Placement | None:
+    """Validate the placement arguments; ``None`` for a plain single-device load."""
+    if device_map is None and n_devices is None:
+        if max_memory is not None or offload_folder is not None:
+            raise MechkitError("max_memory= and offload_folder= only apply with device_map= or n_devices=")
+        return None
+    if device is not None:
+        raise MechkitError(
+            f"device={device!r} cannot be combined with device_map/n_devices, which place each layer "
+            "themselves: pass device_map='auto' (or n_devices=N) alone, or device= alone for one device"
+        )
+    if n_devices is not None and (not isinstance(n_devices, int) or isinstance(n_devices, bool) or n_devices < 1):
+        raise MechkitError(f"n_devices must be a positive int (the number of GPUs to split over), got {n_devices!r}")
+    if device_map is not None and not isinstance(device_map, (str, dict)):
+        raise MechkitError(
+            f"device_map must be 'auto', 'balanced', 'sequential' or a dict such as "
+            f"{{'model.layers.0': 0, 'model.layers.1': 1, ...}}, got {type(device_map).__name__}"
+        )
+    from transformer_lens.utilities.multi_gpu import resolve_device_map
+
+    try:
+        resolved, memory = resolve_device_map(n_devices, device_map, None, max_memory)
+    except ValueError as error:
+        raise MechkitError(f"cannot place the model: {error}") from None
+    if resolved is None:  # n_devices=1: one device
+        return None
+    if isinstance(resolved, dict) and "disk" in map(str, resolved.values()) and offload_folder is None:
+        offload_folder = tempfile.mkdtemp(prefix="mechkit-offload-")
+    return Placement(resolved, memory, offload_folder)
 
 
 def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
@@ -79,29 +135,34 @@ def tokenizer_prepends_bos(tokenizer) -> bool:
     return bool(ids) and ids[0] == bos
 
 
-def _boot(hf_model, tokenizer, name: str, device, dtype: torch.dtype, weights_hash: str | None = None) -> TransformerBridge:
+def _boot(hf_model, tokenizer, name: str, device, dtype: torch.dtype, weights_hash: str | None = None,
+          placed: bool = False) -> TransformerBridge:
+    """Boot a bridge on ``hf_model``; ``placed``: accelerate already put its layers on their devices."""
     # Read before booting: the bridge swaps in a tokenizer that always adds BOS, and wraps
     # the HF modules (renaming every parameter), so hash the weights now.
     prepend_bos = tokenizer_prepends_bos(tokenizer)
-    hf_model = hf_model.to(dtype=dtype)
+    if not placed:
+        hf_model = hf_model.to(dtype=dtype)
     if weights_hash is None:
         weights_hash = hash_state_dict(hf_model)
     if not getattr(hf_model.config, "architectures", None):
         hf_model.config.architectures = [type(hf_model).__name__]
-    if device is not None:
+    if device is not None and not placed:
         hf_model = hf_model.to(device)
     hf_model.eval()
-    bridge = TransformerBridge.boot_transformers(
-        name, hf_model=hf_model, tokenizer=tokenizer, dtype=dtype,
-        device=device if device is not None else str(next(hf_model.parameters()).device),
-    )
+    if placed:  # the bridge reads each layer's device from hf_device_map
+        device = None
+    elif device is None:
+        device = str(next(hf_model.parameters()).device)
+    bridge = TransformerBridge.boot_transformers(name, hf_model=hf_model, tokenizer=tokenizer, dtype=dtype, device=device)
     bridge.eval()
     bridge.mechkit_prepend_bos = prepend_bos
     bridge.mechkit_weights_hash = weights_hash
     return bridge
 
 
-def _load_folder(folder: Path, name: str, device, dtype: torch.dtype) -> TransformerBridge:
+def _load_folder(folder: Path, name: str, device, dtype: torch.dtype,
+                 placement: Placement | None = None) -> TransformerBridge:
     """Load an HF folder; a hash recorded in its mechkit.json (float32) saves rehashing."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -111,9 +172,14 @@ def _load_folder(folder: Path, name: str, device, dtype: torch.dtype) -> Transfo
             "model folder (config.json + weights + tokenizer files) or a .gguf file."
         )
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    hf_model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
+    kwargs = placement.from_pretrained_kwargs() if placement is not None else {}
+    hf_model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, **kwargs)
     known = read_meta(folder).get("weights_hash") if dtype == torch.float32 else None
-    return _boot(hf_model, tokenizer, str(folder), device, dtype, known)
+    if known is None and any(p.device.type == "meta" for p in hf_model.parameters()):
+        from mechkit.models.checkpoint import CheckpointReader  # offloaded to disk: hash the files instead
+
+        known = CheckpointReader(folder).weights_hash(dtype)
+    return _boot(hf_model, tokenizer, str(folder), device, dtype, known, placed=placement is not None)
 
 
 def _ensure_bundled(name: str) -> Path:
@@ -153,7 +219,7 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def _load_hub(name: str, device, dtype: torch.dtype) -> TransformerBridge:
+def _load_hub(name: str, device, dtype: torch.dtype, placement: Placement | None = None) -> TransformerBridge:
     from huggingface_hub import try_to_load_from_cache
 
     in_local_cache = isinstance(try_to_load_from_cache(name, "config.json"), str)
@@ -164,12 +230,13 @@ def _load_hub(name: str, device, dtype: torch.dtype) -> TransformerBridge:
             f"({', '.join(BUNDLED)}), a local folder or a .gguf file instead, or run where "
             "the hub is reachable once so that the model is cached."
         )
+    kwargs = placement.from_pretrained_kwargs() if placement is not None else {}
     if not in_local_cache:
-        return TransformerBridge.boot_transformers(name, device=device, dtype=dtype)
+        return TransformerBridge.boot_transformers(name, device=device, dtype=dtype, **kwargs)
     previous = os.environ.get("HF_HUB_OFFLINE")
     os.environ["HF_HUB_OFFLINE"] = "1"  # cached: never touch the network, only while loading
     try:
-        return TransformerBridge.boot_transformers(name, device=device, dtype=dtype)
+        return TransformerBridge.boot_transformers(name, device=device, dtype=dtype, **kwargs)
     finally:
         if previous is None:
             os.environ.pop("HF_HUB_OFFLINE", None)
@@ -182,6 +249,10 @@ def load_model(
     *,
     device: str | torch.device | None = None,
     dtype: torch.dtype | str | None = None,
+    device_map: str | dict[str, str | int | torch.device] | None = None,
+    n_devices: int | None = None,
+    max_memory: dict[str | int, str | int] | None = None,
+    offload_folder: str | os.PathLike | None = None,
 ) -> TransformerBridge:
     """Load a model as a TransformerLens 4 ``TransformerBridge`` with its tokenizer attached.
 
@@ -191,6 +262,14 @@ def load_model(
             a local HF folder, a ``.gguf`` file, or a hub id such as ``"gpt2"``.
         device: where to put the weights (default: the first parameter's device, i.e. CPU).
         dtype: weight dtype (default float32).
+        device_map: spread the layers over devices with accelerate: ``"auto"``,
+            ``"balanced"``, ``"sequential"``, or a dict from HF module names to devices
+            (``{"model.embed_tokens": 0, "model.layers.0": 0, ..., "lm_head": 1}``; ``"cpu"``
+            and ``"disk"`` entries offload). Not with ``device=``.
+        n_devices: split over this many GPUs (``device_map="balanced"`` with a memory
+            budget per GPU, as TransformerLens 4's ``n_devices``). Not with ``device=``.
+        max_memory: per-device budget for accelerate, e.g. ``{0: "70GiB", 1: "70GiB"}``.
+        offload_folder: where ``"disk"`` entries of the map go (default: a temporary folder).
 
     Returns:
         The bridge, with HookedTransformer hook names (``blocks.{l}.hook_resid_post``,
@@ -203,34 +282,37 @@ def load_model(
     """
     started = time.perf_counter()
     dtype = _resolve_dtype(dtype)
+    placement = _placement(device, device_map, n_devices, max_memory,
+                           str(offload_folder) if offload_folder is not None else None)
     name = str(name_or_path) if name_or_path is not None else DEFAULT_MODEL
     path = Path(name).expanduser()
     cached = cached_models()
     if name in BUNDLED:
         folder = _ensure_bundled(name)
-        bridge, info = _load_folder(folder, name, device, dtype), ModelInfo(name, "bundled", BUNDLED[name].chat, str(folder))
+        bridge = _load_folder(folder, name, device, dtype, placement)
+        info = ModelInfo(name, "bundled", BUNDLED[name].chat, str(folder))
     elif name in cached:
         folder = cached[name]
         meta = read_meta(folder)
-        bridge = _load_folder(folder, name, device, dtype)
+        bridge = _load_folder(folder, name, device, dtype, placement)
         info = ModelInfo(name, meta.get("kind", "cached"), bool(meta.get("chat")), str(folder))
     elif path.exists():
         if path.is_file() and path.suffix == ".gguf":
             folder = _converted_gguf_folder(path)
-            bridge = _load_folder(folder, path.stem, device, dtype)
+            bridge = _load_folder(folder, path.stem, device, dtype, placement)
             info = ModelInfo(path.stem, "gguf", False, str(path))
         elif path.is_dir():
-            bridge = _load_folder(path, path.name, device, dtype)
+            bridge = _load_folder(path, path.name, device, dtype, placement)
             info = ModelInfo(path.name, "folder", False, str(path))
         else:
             raise ModelNotFoundError(
                 f"{path} is not a model: pass a Hugging Face model folder or a .gguf file."
             )
     elif "/" in name and not name.startswith((".", "/", "~")) and name.count("/") == 1:
-        bridge = _load_hub(name, device, dtype)
+        bridge = _load_hub(name, device, dtype, placement)
         info = ModelInfo(name, "hub", False, None)
     elif name in _tl_official_names():
-        bridge = _load_hub(name, device, dtype)
+        bridge = _load_hub(name, device, dtype, placement)
         info = ModelInfo(name, "hub", False, None)
     else:
         raise unknown_model_error(name)

@@ -22,6 +22,7 @@ from mechkit.data.probe_dataset import ProbeDataset
 from mechkit.data.probing_sets import qa_candidates, qa_questions
 from mechkit.data.prompts import Prompt
 from mechkit.errors import MechkitError
+from mechkit.models.loading import input_device
 
 SHOTS = ("Q: What is the capital of Italy?\nA: The answer is Rome.\n"
          "Q: Who wrote Hamlet?\nA: The answer is William Shakespeare.\n")
@@ -55,7 +56,7 @@ def generate(model, prompts: list[str], *, max_new_tokens: int = 8, batch_size: 
     tokenizer = model.tokenizer
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
-    device = next(model.parameters()).device
+    device = input_device(model)
     outputs = []
     try:
         for start in tqdm(range(0, len(prompts), batch_size), desc="generating", disable=not progress):
