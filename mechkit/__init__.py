@@ -24,6 +24,7 @@ _ENTRY_POINTS = {
     "Prompt": "mechkit.activations", "collect_activations": "mechkit.activations",
     "ProbeDataset": "mechkit.data", "Relation": "mechkit.data",
     "classify_heads": "mechkit.heads", "scale_heads": "mechkit.heads.interventions",
+    "CheckpointWeights": "mechkit.heads.weights", "classify_heads_distributed": "mechkit.heads.distributed",
     "list_models": "mechkit.models", "load_model": "mechkit.models",
     "probe_layers": "mechkit.probing", "probe_positions": "mechkit.probing",
     "LabelledArray": "mechkit.results",
@@ -33,7 +34,9 @@ if TYPE_CHECKING:
     from mechkit.activations import Prompt, collect_activations
     from mechkit.data import ProbeDataset, Relation
     from mechkit.heads import classify_heads
+    from mechkit.heads.distributed import classify_heads_distributed
     from mechkit.heads.interventions import scale_heads
+    from mechkit.heads.weights import CheckpointWeights
     from mechkit.models import list_models, load_model
     from mechkit.probing import probe_layers, probe_positions
     from mechkit.results import LabelledArray
@@ -52,7 +55,7 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
-    "LabelledArray", "MechkitError", "MemoryBudgetError", "ModelNotFoundError", "ProbeDataset", "Prompt", "Relation",
-    "__version__", "classify_heads", "collect_activations", "list_models", "load_model", "probe_layers",
-    "probe_positions", "scale_heads",
+    "CheckpointWeights", "LabelledArray", "MechkitError", "MemoryBudgetError", "ModelNotFoundError", "ProbeDataset",
+    "Prompt", "Relation", "__version__", "classify_heads", "classify_heads_distributed", "collect_activations",
+    "list_models", "load_model", "probe_layers", "probe_positions", "scale_heads",
 ]
