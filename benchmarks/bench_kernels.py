@@ -91,7 +91,33 @@ def peak(fn) -> tuple[float, float]:
     return seconds, (torch.cuda.max_memory_allocated() - base) / 2**30
 
 
+RANK_SWEEP = [dict(block_m=m, block_n=nb, num_warps=w, num_stages=st)
+              for m, nb in ((64, 128), (128, 128), (128, 64), (64, 256), (128, 256)) for w in (4, 8) for st in (3, 4)]
+COLLECT_SWEEP = [dict(block_m=m, block_n=nb, num_warps=w, num_stages=3)
+                 for m, nb in ((64, 128), (128, 128), (64, 256), (128, 64)) for w in (4, 8)]
+
+
+def sweep(run, defaults: dict, configs: list[dict], what: str) -> None:
+    """Time each launch config once (after a compile call); keep the fastest in ``defaults``."""
+    if not torch.cuda.is_available():
+        return
+    timings = []
+    for config in configs:
+        try:
+            run(config)
+            timings.append((timed(lambda: run(config)), config))
+        except Exception as error:  # noqa: BLE001 - a config that does not fit (shared memory) is skipped
+            print(f"  config {config} failed: {type(error).__name__}")
+    timings.sort(key=lambda pair: pair[0])
+    defaults.update(timings[0][1])
+    print(f"  sweep of {len(timings)} launch configs for {what}: best {timings[0][1]} "
+          f"{timings[0][0] * 1e3:.1f} ms, worst {timings[-1][0] * 1e3:.1f} ms")
+
+
 def gpu_rank(args, rate: float, bandwidth: float) -> None:
+    from mechkit.kernels import triton_projection
+    from mechkit.kernels.triton_projection import rank_triton
+
     s = args.shape
     L, H, d, r, V, n = args.layers, s["heads"], s["d_model"], s["d_head"], s["vocab"], args.pairs
     dev, bf = args.device, torch.bfloat16
@@ -114,6 +140,8 @@ def gpu_rank(args, rate: float, bandwidth: float) -> None:
         B = (W_O @ W_U)  # (H, r, V): each head's W_O W_U, bf16 with fp32 accumulation
         return projection_rank(Y, B, targets, k=k, backend="triton")
 
+    sweep(lambda config: rank_triton(Y, W_O @ W_U, targets, config=config), triton_projection.RANK_CONFIG,
+          RANK_SWEEP, "rank (exact), one layer")
     one_layer_triton(None), one_layer_triton(10)  # compile
     rows = []
     for k in (None, 10):
@@ -132,7 +160,9 @@ def gpu_rank(args, rate: float, bandwidth: float) -> None:
     mat_total = scale * mat_s + L * H * per_layer_form
     rows.append([f"materialise n x V logits, {few} heads scaled", L * H, f"{mat_total:.1f}",
                  f"{flops / mat_total / 1e12:.0f}", f"{flops / mat_total / rate:.0%}", f"{mat_mem:.2f}"])
-    print_table(["method", "heads", "seconds (all heads)", "TFLOP/s", "of bf16 rate", "peak extra GiB"], rows)
+    print_table(["method", "heads", "seconds (all heads)", "TFLOP/s*", "of bf16 rate*", "peak extra GiB"], rows)
+    print("  * the full problem's FLOPs over the time; with k=10 a row block stops once every row has 10 larger "
+          "scores, so it computes fewer")
 
     tri = projection_rank(Y[:few], B_few, targets[:few], backend="triton")
     mat = torch.stack([materialised_rank(Y[h], B_few[h], targets[h]) for h in range(few)])
@@ -142,6 +172,9 @@ def gpu_rank(args, rate: float, bandwidth: float) -> None:
 
 
 def gpu_topk(args, rate: float) -> None:
+    from mechkit.kernels import triton_projection
+    from mechkit.kernels.triton_projection import topk_triton
+
     s = args.shape
     H, d, r, V, k = s["heads"], s["d_model"], s["d_head"], s["vocab"], 64
     n = min(args.topk_rows, V)  # source rows timed, of the V (every token) the full problem has
@@ -156,7 +189,8 @@ def gpu_topk(args, rate: float) -> None:
     scale = layer_flops / timed_flops  # dominated by the scores; forming B is under 1% at n = V
     print(f"\nTop-{k} over the vocabulary for every token as a source (n = V = {V}) for one layer's {H} heads: "
           f"{layer_flops:.2e} FLOPs, floor {layer_flops / rate:.2f} s; timed on {n} rows of one head and scaled")
-    projection_topk(Y[:, :64], B, k, backend="triton")  # compile
+    sweep(lambda config: topk_triton(Y, B, k, config=config), triton_projection.COLLECT_CONFIG, COLLECT_SWEEP,
+          f"top-{k} collect pass, {n} rows")
     rows = []
     for name, backend in (("Triton", "triton"), ("torch reference (blocked)", "reference")):
         seconds, mem = peak(lambda: projection_topk(Y, B, k, backend=backend))

@@ -7,8 +7,6 @@ compile and run them for real. Sizes are deliberately odd (not multiples of any 
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
@@ -18,8 +16,8 @@ CUDA = torch.cuda.is_available()
 
 triton = pytest.importorskip("triton")
 
-from mechkit.kernels import projection_rank, projection_topk  # noqa: E402
-from mechkit.kernels.projection import projection_rank_reference  # noqa: E402
+from mechkit.kernels import projection_rank, projection_topk
+from mechkit.kernels.projection import projection_rank_reference
 
 DEVICE = "cuda" if CUDA else "cpu"
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -76,8 +74,7 @@ def test_triton_rank_with_a_shared_and_a_factored_projection():
 
 @pytest.mark.parametrize(("dtype", "k"), [(torch.float32, 5), (torch.bfloat16, 37), (torch.float16, 1)])
 def test_triton_topk_matches_the_reference_on_odd_sizes(dtype, k):
-    # Small vocabulary: the interpreter runs the bitonic top-k slowly (seconds per tile).
-    Y, B, _ = _inputs(7, heads=2, n=29, r=40, vocab=301, dtype=dtype)
+    Y, B, _ = _inputs(7, heads=2, n=29, r=40, vocab=1111, dtype=dtype)
     scores, index = projection_topk(Y, B, k, backend="triton")
     ref_scores, ref_index = projection_topk(Y, B, k, backend="reference")
     assert scores.shape == index.shape == (2, 29, k)
@@ -94,6 +91,14 @@ def test_triton_topk_breaks_ties_towards_the_lower_index():
     B[..., [7, 250, 100]] = 1.0  # three equal top scores
     _, index = projection_topk(Y, B, 4, backend="triton")
     assert index[0, 0].tolist() == [7, 100, 250, 0]
+
+
+def test_triton_topk_redoes_rows_whose_candidates_overflow():
+    # All scores equal: every column passes the threshold, far more than the buffer holds.
+    Y = torch.ones(1, 70, 16, device=DEVICE)
+    B = torch.ones(1, 16, 2000, device=DEVICE)
+    scores, index = projection_topk(Y, B, 3, backend="triton")
+    assert index[0].tolist() == [[0, 1, 2]] * 70 and torch.all(scores == 16)
 
 
 def test_requesting_triton_without_a_gpu_falls_back_with_a_notice(monkeypatch):

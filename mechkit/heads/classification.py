@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from einops import einsum
 from jaxtyping import Int
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -288,24 +289,28 @@ def classify_heads(
         block = weights.block(layer)
         if attn_norm:
             x = block.ln1(x[None])[0].float()
-        W_V = weights.W_V(layer).float()
+        W_V = weights.W_V(layer)
+        # On a GPU the kernels run in the model's own precision (fp32 accumulation); on the CPU in float32.
+        compute_dtype = W_V.dtype if device.type == "cuda" else torch.float32
         W_O = weights.W_O_into_residual(layer, fold_attn_out_norm=fold_attn_out_norm)
         b_V, b_O = (weights.b_V(layer), weights.b_O(layer)) if biases else (None, None)
-        for head in range(weights.n_heads):
-            Y = x @ W_V[head]
-            A = W_O[head]
-            if b_V is not None:
-                Y = Y + b_V[head].float()
-            if b_O is not None:  # a constant row offset: append it as one more factor row
-                Y = torch.cat([Y, torch.ones_like(Y[:, :1])], -1)
-                A = torch.cat([A, b_O.float()[None]], 0)
-            for values, rows, sign in ((scores, targets, 1), (suppression, targets, -1), (null, null_targets, 1)):
-                if values is None:
-                    continue
-                ranks = projection_rank(sign * Y, A, rows, C=W_U, k=k_max, chunk_size=chunk_size)
-                hit = (ranks < row_k).float().cpu().numpy()
-                values[li, head] = [hit[a:b].mean() for a, b in zip(bounds[:-1], bounds[1:])]
-            bar.update()
+        Y = einsum(x, W_V.float(), "n d_model, head d_model d_head -> head n d_head")
+        A = W_O
+        if b_V is not None:
+            Y = Y + b_V.float()[:, None, :]
+        if b_O is not None:  # a constant row offset: append it as one more factor row
+            Y = torch.cat([Y, torch.ones_like(Y[..., :1])], -1)
+            A = torch.cat([A, b_O.float().expand(A.shape[0], 1, -1)], 1)
+        Y, A = Y.to(compute_dtype), A.to(compute_dtype)
+        for values, rows, sign in ((scores, targets, 1), (suppression, targets, -1), (null, null_targets, 1)):
+            if values is None:
+                continue
+            # all heads of the layer in one call: one kernel launch on a GPU
+            ranks = projection_rank(sign * Y, A, rows.expand(weights.n_heads, -1), C=W_U, k=k_max,
+                                    chunk_size=chunk_size)
+            hit = (ranks < row_k).float().cpu().numpy()
+            values[li] = [[hit[h, a:b].mean() for a, b in zip(bounds[:-1], bounds[1:])] for h in range(len(hit))]
+        bar.update(weights.n_heads)
     bar.close()
 
     settings = dict(k=k, threshold=threshold, effective_embedding=effective_embedding, attn_norm=attn_norm,

@@ -102,6 +102,16 @@ def projection_rank_reference(
     return counts.clamp(max=k) if k is not None else counts
 
 
+def top_by_score_then_index(scores: Tensor, index: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The ``k`` best of each row by score, descending, and the lower index first among equal
+    scores (``torch.topk`` alone leaves the order of ties unspecified): one top-k on int64 keys
+    holding the score's order-preserving bits above the inverted index."""
+    bits = scores.float().contiguous().view(torch.int32)
+    ordered = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).long()
+    best = ((ordered << 32) + (0xFFFFFFFF - index.long())).topk(k, dim=-1).indices
+    return scores.gather(-1, best), index.long().gather(-1, best)
+
+
 @torch.no_grad()
 def projection_topk_reference(
     Y: Float[Tensor, "n r"],
@@ -113,7 +123,7 @@ def projection_topk_reference(
 ) -> tuple[Float[Tensor, "n k"], Int[Tensor, "n k"]]:
     """Top-``k`` scores and vocabulary indices of each row of ``Y @ A`` (or ``Y @ A @ C``), by
     vocabulary blocks merged into a running top-k (never the whole n x V matrix).
-    Ties: the lower index first, as ``torch.topk`` on the concatenation does."""
+    Ties: the lower index first."""
     vocab = check_projection(Y, A, C, None, k)
     Y, A = Y.float(), A.float()
     C = C.float() if C is not None else None
@@ -124,6 +134,5 @@ def projection_topk_reference(
         index = torch.arange(start, start + scores.shape[1], device=Y.device).expand_as(scores)
         merged_scores = torch.cat([best_scores, scores], 1)
         merged_index = torch.cat([best_index, index], 1)
-        top = torch.topk(merged_scores, min(k, merged_scores.shape[1]), dim=1)
-        best_scores, best_index = top.values, merged_index.gather(1, top.indices)
+        best_scores, best_index = top_by_score_then_index(merged_scores, merged_index, min(k, merged_scores.shape[1]))
     return best_scores, best_index
