@@ -28,6 +28,7 @@ _ENTRY_POINTS = {
     "list_models": "mechkit.models", "load_model": "mechkit.models",
     "probe_layers": "mechkit.probing", "probe_positions": "mechkit.probing",
     "LabelledArray": "mechkit.results",
+    "Task": "mechkit.data.tasks", "attribute_heads": "mechkit.heads.attribution",
 }
 
 if TYPE_CHECKING:
@@ -40,6 +41,8 @@ if TYPE_CHECKING:
     from mechkit.models import list_models, load_model
     from mechkit.probing import probe_layers, probe_positions
     from mechkit.results import LabelledArray
+    from mechkit.data.tasks import Task
+    from mechkit.heads.attribution import attribute_heads
 
 
 def __getattr__(name: str):

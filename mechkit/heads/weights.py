@@ -128,9 +128,16 @@ class WeightSource:
 
     @staticmethod
     def norm_gain(norm, d_model: int, device) -> Float[Tensor, " d_model"]:
-        """Elementwise gain of an RMS/LayerNorm module (its output on a unit-RMS input of ones)."""
+        """Elementwise gain of an RMS/LayerNorm module, read off its outputs on an alternating
+        +-1 vector and its negation (zero mean and unit RMS, so neither kind rescales it, and
+        the difference cancels a LayerNorm's bias; ones would centre to zero under LayerNorm)."""
+        signs = torch.ones(d_model, device=device)
+        signs[1::2] = -1.0
+        if d_model % 2:  # odd width: the mean is not zero; fall back to ones (RMS norms only)
+            signs = torch.ones(d_model, device=device)
         with torch.no_grad():
-            return norm(torch.ones(1, 1, d_model, device=device))[0, 0]
+            up, down = norm(signs[None, None]), norm(-signs[None, None])
+        return ((up - down) / (2 * signs))[0, 0]
 
     def _check_layer(self, layer: int) -> None:
         if not 0 <= layer < self.n_layers:
