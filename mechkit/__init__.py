@@ -29,6 +29,7 @@ _ENTRY_POINTS = {
     "probe_layers": "mechkit.probing", "probe_positions": "mechkit.probing",
     "LabelledArray": "mechkit.results",
     "Task": "mechkit.data.tasks", "attribute_heads": "mechkit.heads.attribution",
+    "attribute_components": "mechkit.components", "checkpoint_diff": "mechkit.components",
 }
 
 if TYPE_CHECKING:
@@ -60,5 +61,6 @@ def __dir__() -> list[str]:
 __all__ = [
     "CheckpointWeights", "LabelledArray", "MechkitError", "MemoryBudgetError", "ModelNotFoundError", "ProbeDataset",
     "Prompt", "Relation", "__version__", "classify_heads", "classify_heads_distributed", "collect_activations",
-    "list_models", "load_model", "probe_layers", "probe_positions", "scale_heads",
+    "list_models", "load_model", "probe_layers", "probe_positions", "scale_heads", "Task", "attribute_heads",
+    "attribute_components", "checkpoint_diff",
 ]

@@ -31,18 +31,23 @@ head's output on another example of the same length).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 
 import numpy as np
 import torch
 from einops import einsum
-from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from mechkit.data.tasks import Task, as_task, tokenise_task
 from mechkit.errors import MechkitError
-from mechkit.heads.patching import TaskBatch, bootstrap_interval, metric, metric_positions, run_to_logits, task_batches
+from mechkit.heads.patching import (
+    TaskBatch,
+    bootstrap_interval,
+    metric,
+    metric_positions,
+    run_to_logits,
+    task_batches,
+)
 from mechkit.heads.weights import BridgeWeights
 from mechkit.results import LabelledArray, Provenance
 
