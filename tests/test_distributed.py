@@ -19,6 +19,14 @@ RELATIONS = [Relation("next", "linguistic", [(f"w{i}", f"w{i + 1}") for i in ran
              Relation("jump", "knowledge", [(f"w{i}", f"w{i + 50}") for i in range(40)])]
 
 
+def attribution_task():
+    from mechkit.data.tasks import Task
+
+    clean = tuple(f"w{i} w{i + 1} w{i + 2}" for i in range(6))
+    corrupted = tuple(f"w{i} w{i + 9} w{i + 2}" for i in range(6))
+    return Task("toy", clean, tuple(f" w{i + 3}" for i in range(6)), corrupted, tuple(f" w{i + 12}" for i in range(6)))
+
+
 def test_shard_covers_items_in_order_with_balanced_blocks():
     for n in range(12):
         for world in range(1, 6):
@@ -91,3 +99,13 @@ def test_a_rank_that_fails_makes_every_rank_fail_naming_it(torchrun):
     for rank in (0, 1):
         message = (torchrun / f"failed{rank}.err").read_text()
         assert message == "the sharded run failed on rank 1 of 2; rank 1: ZeroDivisionError: division by zero"
+
+
+def test_sharded_head_patching_equals_the_single_process_run(torchrun):
+    from mechkit.heads.attribution import attribute_heads
+    from mechkit.models.synthetic import tiny_model
+
+    gathered = LabelledArray.load(torchrun / "patching.npz")
+    single = attribute_heads(tiny_model("llama", seed=0, **SHAPE), attribution_task(), "patching", progress=False)
+    assert gathered.labels == single.labels and gathered.labels["layer"] == list(range(SHAPE["n_layers"]))
+    np.testing.assert_allclose(gathered.values, single.values, rtol=1e-5, atol=1e-6)

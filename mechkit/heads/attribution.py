@@ -100,8 +100,10 @@ class _Corruption:
         return [z.roll(1, dims=0) for z in clean_z]
 
 
-def _patching(model, batch: TaskBatch, clean_z, corrupt_z, clean_metric, heads_per_run: int, bar) -> Tensor:
-    """Per-example ``metric(clean) - metric(head patched)`` for every head: ``(layer, head, batch)``."""
+def _patching(model, batch: TaskBatch, clean_z, corrupt_z, clean_metric, heads_per_run: int, bar,
+              layers: list[int]) -> Tensor:
+    """Per-example ``metric(clean) - metric(head patched)`` for the heads of ``layers``: ``(layer, head, batch)``
+    (rows of other layers stay zero)."""
     cfg = model.cfg
     positions = metric_positions(batch)
     resid: dict[int, Tensor] = {}
@@ -115,7 +117,7 @@ def _patching(model, batch: TaskBatch, clean_z, corrupt_z, clean_metric, heads_p
         run_to_logits(model, batch.clean, [-1], fwd_hooks=[(f"blocks.{l}.hook_resid_pre", keep(l)) for l in range(cfg.n_layers)])
     out = torch.zeros(cfg.n_layers, cfg.n_heads, len(batch))
     n = len(batch)
-    for layer in range(cfg.n_layers):
+    for layer in layers:
         for start in range(0, cfg.n_heads, heads_per_run):
             heads = list(range(start, min(start + heads_per_run, cfg.n_heads)))
             source = corrupt_z[layer]
@@ -240,6 +242,7 @@ def attribute_heads(
     magnitude: bool = False,
     batch_size: int = 16,
     heads_per_run: int | None = None,
+    layers: list[int] | None = None,
     seed: int = 0,
     progress: bool = True,
 ) -> LabelledArray:
@@ -254,6 +257,8 @@ def attribute_heads(
         batch_size: examples per forward pass.
         heads_per_run: heads patched per forward in exact patching (replicas of the batch);
             default all heads of a layer.
+        layers: score only these layers (default all); exact patching then runs only there (how
+            :func:`~mechkit.heads.distributed.attribute_heads_distributed` shards it).
 
     Returns:
         ``layer x head`` scores; ``attrs`` hold the method, corruption, the task's clean metric
@@ -271,12 +276,16 @@ def attribute_heads(
     if corruption == "paired" and not task.paired:
         raise MechkitError(f"task {task.name!r} has no corrupted twins; use corruption='mean', 'zero' or 'resample'")
     cfg = model.cfg
+    layer_list = list(range(cfg.n_layers)) if layers is None else [int(l) for l in layers]
+    bad = [l for l in layer_list if not 0 <= l < cfg.n_layers]
+    if bad or not layer_list:
+        raise MechkitError(f"layers {bad or layer_list} out of range: the model has {cfg.n_layers} layers")
     tok = tokenise_task(model, task)
     heads_per_run = heads_per_run or cfg.n_heads
     started = time.perf_counter()
     corrupt = _Corruption(model, tok, corruption, batch_size) if method != "dla" else None
     per_example = torch.zeros(cfg.n_layers, cfg.n_heads, len(tok.kept))
-    work = len(tok.kept) * (cfg.n_layers * cfg.n_heads if method in ("patching", "mean_ablation", "zero_ablation")
+    work = len(tok.kept) * (len(layer_list) * cfg.n_heads if method in ("patching", "mean_ablation", "zero_ablation")
                             else cfg.n_layers if method == "atp*" else 1)
     bar = tqdm(total=work, desc=f"{method} on {task.name}", unit="run", disable=not progress)
     for batch in task_batches(tok, batch_size):
@@ -287,7 +296,8 @@ def attribute_heads(
         elif method in ("patching", "mean_ablation", "zero_ablation"):
             with torch.no_grad():
                 clean_metric = metric(batch, run_to_logits(model, batch.clean, metric_positions(batch)))
-            scores = _patching(model, batch, clean_z, corrupt(batch, clean_z), clean_metric, heads_per_run, bar)
+            scores = _patching(model, batch, clean_z, corrupt(batch, clean_z), clean_metric, heads_per_run, bar,
+                               layer_list)
         else:
             corrupt_z = corrupt(batch, clean_z)
             if method == "atp":
@@ -301,15 +311,16 @@ def attribute_heads(
                 scores /= max(cfg.n_layers - 1, 1)
         per_example[:, :, batch.index] = scores
     bar.close()
+    per_example = per_example[layer_list]
     values = per_example.abs().mean(-1) if (magnitude or method == "atp*") else per_example.mean(-1)
     baseline = task_metric(model, task, batch_size=batch_size, seed=seed)
     baseline.pop("per_example")
     settings = dict(method=method, corruption=None if method == "dla" else corruption,
-                    magnitude=bool(magnitude or method == "atp*"))
+                    magnitude=bool(magnitude or method == "atp*"), layers=layer_list)
     provenance = Provenance.for_model(model, data={"task": task.name, "clean": list(task.clean)}, seed=seed, **settings)
     return LabelledArray(
         values.numpy().astype(np.float32), ("layer", "head"),
-        {"layer": list(range(cfg.n_layers)), "head": list(range(cfg.n_heads))},
+        {"layer": layer_list, "head": list(range(cfg.n_heads))},
         name=f"{method} head attribution: {task.name}", provenance=provenance,
         attrs={**settings, "task": task.name, "baseline": baseline, "seconds": time.perf_counter() - started},
     )

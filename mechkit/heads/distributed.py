@@ -25,7 +25,9 @@ from dataclasses import replace
 from mechkit import distributed
 from mechkit.data.relations import Relation
 from mechkit.errors import MechkitError
+from mechkit.heads.attribution import attribute_heads
 from mechkit.heads.classification import HeadClassification, classify_heads
+from mechkit.results import LabelledArray
 from mechkit.heads.weights import as_weights
 
 
@@ -72,3 +74,29 @@ def classify_heads_distributed(
         return None
     scores, suppression, null = gathered
     return HeadClassification(scores, suppression, null, local.threshold, local.relations, local.notes)
+
+
+def attribute_heads_distributed(model, task, method: str = "atp*", *, dst: int = 0, **options) -> LabelledArray | None:
+    """:func:`~mechkit.heads.attribution.attribute_heads` with the layers split over the ranks; the
+    gathered ``layer x head`` scores on ``dst`` (``None`` elsewhere), equal to a single-process run.
+
+    Exact patching (and mean/zero ablation), one forward per head, divides by the number of
+    ranks; AtP, AtP* and DLA take the same forward and backward passes on every rank (each
+    keeps its own layers), so they gain nothing from it. ``options`` are ``attribute_heads``'s.
+    """
+    if distributed.launched_by_torchrun():
+        distributed.init()
+    rank, world = distributed.rank_and_world()
+    if not 0 <= dst < world:
+        raise MechkitError(f"dst must be a rank in [0, {world}), got {dst}")
+    all_layers = list(range(model.cfg.n_layers))
+    if world == 1:
+        return attribute_heads(model, task, method, **options)
+    distributed.check_same_model(model)
+    mine = distributed.shard(all_layers, rank, world)
+    local = distributed.run_everywhere(lambda: attribute_heads(model, task, method, layers=mine, **options))
+    whole = distributed.gather_labelled(local, "layer", dst=dst)
+    if whole is not None:
+        whole.provenance = replace(whole.provenance, settings={**whole.provenance.settings, "layers": all_layers})
+        whole.attrs = {**whole.attrs, "layers": all_layers}
+    return whole
