@@ -172,3 +172,53 @@ def test_atp_tracks_patching_on_a_real_task(smollm2):
     top_exact = set(np.argsort(-exact.values.ravel())[:10])
     assert len(top_exact & set(np.argsort(-atp.values.ravel())[:10])) >= 4
     assert atp.attrs["seconds"] < exact.attrs["seconds"]
+
+
+@pytest.mark.parametrize("method", ["patching", "atp", "atp*"])
+def test_query_key_value_nodes_find_the_planted_heads_value(planted, method):
+    scores = attribute_heads(planted, copy_task(), method, nodes="qkv", progress=False)
+    assert scores.axes == ("layer", "head", "node") and scores.labels["node"] == ["q", "k", "v"]
+    flat = np.abs(scores.values)
+    assert np.unravel_index(np.argmax(flat), flat.shape) == (*PLANTED, 2)  # its value node
+    assert flat[(*PLANTED, 0)] < 1e-3 * flat.max()  # its queries are zero in every run
+
+
+@torch.no_grad()
+def test_the_qk_fix_is_exact_where_the_metric_is_linear_in_the_pattern():
+    # As in the linear test above: downstream of layer 1's attention pattern the metric is linear,
+    # so recomputing the softmax exactly (AtP*'s QK fix) leaves almost no error for its query/key
+    # nodes (what remains is the final norm's scale, nearly fixed by a large constant component).
+    model = tiny_model("llama", words=WORDS, n_layers=2, n_heads=4, n_kv_heads=2, d_model=64, seed=3)
+    _layer(model, 1).mlp.down_proj.weight.zero_()
+    _layer(model, 1).self_attn.o_proj.weight *= 50.0
+    _layer(model, 1).self_attn.q_proj.weight *= 8.0  # sharper attention, larger key effects
+    model.original_model.model.embed_tokens.weight += 300.0 * torch.nn.functional.normalize(torch.randn(64), dim=0)
+    task = copy_task(8)
+    exact = attribute_heads(model, task, "patching", nodes="qkv", magnitude=True, progress=False).values[1, :, :2]
+    fixed = attribute_heads(model, task, "atp*", nodes="qkv", progress=False).values[1, :, :2]
+    real = exact > 0.05 * exact.max()  # nodes whose effect stands above float noise
+    assert exact.max() > 1e-2 and real.sum() >= 2
+    np.testing.assert_allclose(fixed[real], exact[real], rtol=0.1)
+
+
+def test_the_qk_fix_tracks_patching_better_than_plain_atp_on_key_nodes():
+    from scipy.stats import spearmanr
+
+    model = tiny_model("llama", n_layers=3, d_model=32, n_heads=4, n_kv_heads=2, d_mlp=64, seed=4)
+    words = model.tokenizer.convert_ids_to_tokens(list(range(4, 30)))
+    task = Task("toy", tuple(" ".join(words[i:i + 5]) for i in range(12)), tuple(f" {words[i + 6]}" for i in range(12)),
+                tuple(" ".join(words[i + 1:i + 6]) for i in range(12)), tuple(f" {words[i + 8]}" for i in range(12)))
+    exact = attribute_heads(model, task, "patching", nodes="qkv", magnitude=True, progress=False).values[..., 1]
+    fixed = attribute_heads(model, task, "atp*", nodes="qkv", progress=False).values[..., 1]
+    linear = attribute_heads(model, task, "atp", nodes="qkv", magnitude=True, progress=False).values[..., 1]
+    rho_fixed = spearmanr(exact.ravel(), fixed.ravel()).statistic
+    assert rho_fixed > 0.85 and rho_fixed > spearmanr(exact.ravel(), linear.ravel()).statistic + 0.2
+
+
+def test_qkv_nodes_refuse_what_they_cannot_do(planted):
+    with pytest.raises(MechkitError, match="scored by"):
+        attribute_heads(planted, copy_task(), "dla", nodes="qkv")
+    with pytest.raises(MechkitError, match="rotary"):
+        attribute_heads(planted, copy_task(), "atp", nodes="qkv", corruption="mean", progress=False)
+    with pytest.raises(MechkitError, match="nodes must be"):
+        attribute_heads(planted, copy_task(), "atp", nodes="heads")

@@ -15,7 +15,8 @@ its corrupted value)``.
   with the gradient through that layer's attention and MLP outputs dropped, and the estimate is
   ``sum_l |AtP_l| / (L - 1)`` per example, a magnitude (compare it with ``|patching|``). Its other
   fix (recomputing attention softmaxes for query/key nodes) has nothing to fix for ``hook_z``
-  nodes; query/key/value nodes are not split out here (a departure from the paper).
+  nodes; with ``nodes="qkv"`` heads are split into query, key and value nodes and the QK fix
+  applies (:mod:`mechkit.heads.qkv_nodes`).
 * ``"dla"``: direct logit attribution of the clean run: each head's output through ``W_O`` (and
   Gemma's post-attention norm, with its scale from the clean run), the final norm's scale
   from the clean run, and the unembedding, read along ``W_U[answer] - W_U[corrupted answer]``
@@ -40,6 +41,7 @@ from tqdm.auto import tqdm
 
 from mechkit.data.tasks import Task, as_task, tokenise_task
 from mechkit.errors import MechkitError
+from mechkit.heads import qkv_nodes
 from mechkit.heads.patching import (
     TaskBatch,
     bootstrap_interval,
@@ -243,6 +245,7 @@ def attribute_heads(
     batch_size: int = 16,
     heads_per_run: int | None = None,
     layers: list[int] | None = None,
+    nodes: str = "z",
     seed: int = 0,
     progress: bool = True,
 ) -> LabelledArray:
@@ -259,6 +262,9 @@ def attribute_heads(
             default all heads of a layer.
         layers: score only these layers (default all); exact patching then runs only there (how
             :func:`~mechkit.heads.distributed.attribute_heads_distributed` shards it).
+        nodes: ``"z"`` (each head's output, default) or ``"qkv"``: each head split into query,
+            key and value nodes (:mod:`mechkit.heads.qkv_nodes`; methods patching, atp, atp*, where
+            AtP* adds the QK fix), returned with a third axis ``node``.
 
     Returns:
         ``layer x head`` scores; ``attrs`` hold the method, corruption, the task's clean metric
@@ -275,6 +281,10 @@ def attribute_heads(
         raise MechkitError(f"unknown corruption {corruption!r}; use one of {CORRUPTIONS}")
     if corruption == "paired" and not task.paired:
         raise MechkitError(f"task {task.name!r} has no corrupted twins; use corruption='mean', 'zero' or 'resample'")
+    if nodes not in ("z", "qkv"):
+        raise MechkitError(f"nodes must be 'z' (head outputs) or 'qkv' (query/key/value nodes), got {nodes!r}")
+    if nodes == "qkv" and method not in ("patching", "atp", "atp*"):
+        raise MechkitError(f"query/key/value nodes are scored by 'patching', 'atp' or 'atp*', not {method!r}")
     cfg = model.cfg
     layer_list = list(range(cfg.n_layers)) if layers is None else [int(l) for l in layers]
     bad = [l for l in layer_list if not 0 <= l < cfg.n_layers]
@@ -283,12 +293,15 @@ def attribute_heads(
     tok = tokenise_task(model, task)
     heads_per_run = heads_per_run or cfg.n_heads
     started = time.perf_counter()
-    corrupt = _Corruption(model, tok, corruption, batch_size) if method != "dla" else None
-    per_example = torch.zeros(cfg.n_layers, cfg.n_heads, len(tok.kept))
+    corrupt = _Corruption(model, tok, corruption, batch_size) if method != "dla" and nodes == "z" else None
+    per_example = torch.zeros(cfg.n_layers, cfg.n_heads, *((3,) if nodes == "qkv" else ()), len(tok.kept))
     work = len(tok.kept) * (len(layer_list) * cfg.n_heads if method in ("patching", "mean_ablation", "zero_ablation")
                             else cfg.n_layers if method == "atp*" else 1)
     bar = tqdm(total=work, desc=f"{method} on {task.name}", unit="run", disable=not progress)
     for batch in task_batches(tok, batch_size):
+        if nodes == "qkv":
+            per_example[..., batch.index] = qkv_nodes.node_scores(model, batch, method, corruption, layer_list, bar)
+            continue
         clean_z = _cache_z(model, batch.clean)
         if method == "dla":
             scores = _dla(model, batch, clean_z)
@@ -309,18 +322,18 @@ def attribute_heads(
                     scores += _atp(clean_z, corrupt_z, _gradients(model, batch, drop_layer=drop)[1]).abs()
                     bar.update(len(batch))
                 scores /= max(cfg.n_layers - 1, 1)
-        per_example[:, :, batch.index] = scores
+        per_example[..., batch.index] = scores
     bar.close()
     per_example = per_example[layer_list]
     values = per_example.abs().mean(-1) if (magnitude or method == "atp*") else per_example.mean(-1)
     baseline = task_metric(model, task, batch_size=batch_size, seed=seed)
     baseline.pop("per_example")
     settings = dict(method=method, corruption=None if method == "dla" else corruption,
-                    magnitude=bool(magnitude or method == "atp*"), layers=layer_list)
+                    magnitude=bool(magnitude or method == "atp*"), layers=layer_list, nodes=nodes)
     provenance = Provenance.for_model(model, data={"task": task.name, "clean": list(task.clean)}, seed=seed, **settings)
     return LabelledArray(
-        values.numpy().astype(np.float32), ("layer", "head"),
-        {"layer": layer_list, "head": list(range(cfg.n_heads))},
+        values.numpy().astype(np.float32), ("layer", "head") + (("node",) if nodes == "qkv" else ()),
+        {"layer": layer_list, "head": list(range(cfg.n_heads)), **({"node": list(qkv_nodes.NODES)} if nodes == "qkv" else {})},
         name=f"{method} head attribution: {task.name}", provenance=provenance,
         attrs={**settings, "task": task.name, "baseline": baseline, "seconds": time.perf_counter() - started},
     )
