@@ -6,6 +6,9 @@
     mechkit classify-heads --model NAME [--model NAME2 ...] --out DIR
     mechkit probe layers --model NAME [--model NAME2 ...] --dataset true_false --out DIR
     mechkit probe positions --model NAME --dataset qa --out DIR
+    mechkit attribute-heads --model NAME [--model NAME2] --task TASK|all|FILE.jsonl --method atp* --out DIR
+    mechkit attribute-components --model NAME --task TASK|all|FILE.jsonl --method grad_x_weight --out DIR
+    mechkit attribute-components --model NAME --compare NAME_B --out DIR
 """
 
 from __future__ import annotations
@@ -207,6 +210,191 @@ def _cmd_probe(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tasks(names: list[str], examples: int | None) -> list:
+    """Tasks from ``--task`` values (built-in names, ``all``, JSONL files), each cut to its
+    first ``examples`` examples when given."""
+    from mechkit.data.tasks import TASK_NAMES, Task, as_task
+
+    if examples is not None and examples < 1:
+        raise MechkitError(f"--examples must be at least 1, got {examples}")
+    expanded = [t for name in names for t in (TASK_NAMES if name == "all" else [name])]
+    tasks = []
+    for name in dict.fromkeys(expanded):
+        task = as_task(name)
+        if examples is not None and examples < len(task):
+            task = Task(task.name, task.clean[:examples], task.answers[:examples], task.corrupted[:examples],
+                        task.corrupted_answers[:examples])
+        tasks.append(task)
+    return tasks
+
+
+def _slug(text: str) -> str:
+    """A file-name-safe form of a model, task or method name (``atp*`` -> ``atp_star``)."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in str(text).replace("*", "_star")).strip("_") or "x"
+
+
+def _model_name(model) -> str:
+    info = getattr(model, "mechkit", None)
+    return getattr(info, "name", None) or "model"
+
+
+def _baseline_text(baseline: dict) -> str:
+    low, high = baseline.get("ci", [float("nan"), float("nan")])
+    return f"{baseline.get('clean', float('nan')):+.2f} [{low:+.2f}, {high:+.2f}]"
+
+
+def _top_heads(scores, n: int = 3) -> list[tuple[str, float]]:
+    """The ``n`` heads (or query/key/value nodes) with the largest |score|: ``("L3.H2", score)``."""
+    import numpy as np
+
+    axes = ("layer", "head") + (("node",) if "node" in scores.axes else ())
+    values = np.nan_to_num(scores.transpose(*axes).values.astype(float), nan=0.0)
+    order = np.argsort(-np.abs(values), axis=None, kind="stable")[:n]
+    top = []
+    for index in zip(*np.unravel_index(order, values.shape)):
+        name = f"L{scores.labels['layer'][index[0]]}.H{scores.labels['head'][index[1]]}"
+        if len(index) == 3:
+            name += f".{scores.labels['node'][index[2]]}"
+        top.append((name, float(values[index])))
+    return top
+
+
+def _cmd_attribute_heads(args: argparse.Namespace) -> int:
+    import matplotlib.pyplot as plt
+
+    from mechkit.heads.attribution import attribute_heads
+    from mechkit.models import load_model
+    from mechkit.viz import save, task_grid_figure
+
+    out = Path(args.out)
+    tasks = _tasks(args.task, args.examples)
+    method = _slug(args.method) + ("_qkv" if args.nodes == "qkv" else "")
+    summary: dict = {"method": args.method, "corruption": args.corruption, "nodes": args.nodes, "models": {}}
+    for name in args.model:
+        model = load_model(name)
+        model_name = _model_name(model)
+        folder = out / _slug(model_name)
+        results, rows = {}, {}
+        for task in tasks:
+            result = attribute_heads(model, task, args.method, corruption=args.corruption, batch_size=args.batch_size,
+                                     nodes=args.nodes, progress=not args.quiet)
+            result.save(folder / f"{_slug(task.name)}_{method}.npz")
+            results[task.name] = result
+            baseline = result.attrs["baseline"]
+            rows[task.name] = {"n": baseline["n"], "metric": baseline["metric"], "clean": baseline["clean"],
+                               "ci": baseline["ci"], "significant": baseline["significant"],
+                               "dropped": len(baseline.get("dropped", {})), "seconds": round(result.attrs["seconds"], 2),
+                               "top_heads": [list(t) for t in _top_heads(result)]}
+        paths = []
+        for node in ("q", "k", "v") if args.nodes == "qkv" else (None,):
+            figure = task_grid_figure(results, node=node)
+            paths += save(figure, folder / (f"task_grid_{method}" + (f"_{node}" if node else "")))
+            plt.close(figure)
+        summary["models"][model_name] = rows
+        print(f"{model_name}: {args.method} head attribution ({'|effect|' if results[tasks[0].name].attrs.get('magnitude') else 'effect'})")
+        print(f"  {'task':<26} {'n':>4}  {'clean metric [95% CI]':<24} {'significant':<11} top-3 heads (by |score|)")
+        for task_name, row in rows.items():
+            significant = {True: "yes", False: "no (grey)", None: "n/a"}[row["significant"]]
+            top = ", ".join(f"{name} {v:+.3g}" for name, v in row["top_heads"])
+            print(f"  {task_name:<26} {row['n']:>4}  {_baseline_text(row):<24} {significant:<11} {top}")
+        print(f"  wrote {folder} ({', '.join(p.name for p in paths)})")
+    (out / f"summary_{method}.json").write_text(json.dumps(summary, indent=2))
+    return 0
+
+
+def _mean_of(arrays: list, name: str):
+    """The mean of several tasks' ``layer x component`` results (a component missing everywhere stays NaN)."""
+    import warnings
+
+    import numpy as np
+
+    from mechkit.results import LabelledArray
+
+    stack = np.stack([a.transpose("layer", "component").values.astype(float) for a in arrays])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns (a missing component) stay NaN
+        mean = np.nanmean(stack, axis=0)
+    first = arrays[0].transpose("layer", "component")
+    attrs = {key: first.attrs[key] for key in ("method", "normalised", "elementwise", "corruption") if key in first.attrs}
+    attrs.update(task=name, tasks=[a.attrs.get("task") for a in arrays],
+                 baseline={"metric": (first.attrs.get("baseline") or {}).get("metric")})
+    return LabelledArray(mean.astype(np.float32), first.axes, first.labels, name=f"{first.attrs.get('method')} component "
+                         f"attribution: mean of {len(arrays)} tasks", provenance=first.provenance, attrs=attrs)
+
+
+def _component_line(result) -> str:
+    import warnings
+
+    import numpy as np
+
+    values = result.transpose("layer", "component").values.astype(float)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        per_component = np.nanmean(values, axis=0)
+    return "  ".join(f"{c} {'n/a' if not np.isfinite(v) else f'{v:.3g}'}"
+                     for c, v in zip(result.labels["component"], per_component))
+
+
+def _cmd_attribute_components(args: argparse.Namespace) -> int:
+    import matplotlib.pyplot as plt
+
+    import mechkit
+    from mechkit.models import load_model
+    from mechkit.viz import component_share_figure, save
+
+    def save_figure(figure, stem):
+        save(figure, stem)
+        return figure
+
+    out = Path(args.out)
+    model = load_model(args.model)
+    model_name = _model_name(model)
+    folder = out / _slug(model_name)
+    if args.compare:
+        other = load_model(args.compare)
+        diff = mechkit.checkpoint_diff(model, other)
+        path = diff.save(folder / f"checkpoint_diff_{_slug(_model_name(other))}.npz")
+        figure = component_share_figure(diff, title=f"Relative weight change: {model_name} vs {_model_name(other)}")
+        paths = save(figure, folder / f"checkpoint_diff_{_slug(_model_name(other))}")
+        plt.close(figure)
+        print(f"{model_name} vs {_model_name(other)}: mean relative change per component (over layers)")
+        print(f"  {_component_line(diff)}")
+        print(f"  wrote {path} ({', '.join(p.name for p in paths)})")
+        return 0
+    if not args.task:
+        raise MechkitError("give --task (a built-in task, 'all' or a .jsonl file), or --compare MODEL_B for a checkpoint diff")
+    tasks = _tasks(args.task, args.examples)
+    method = _slug(args.method)
+    kind = "raw" if args.raw else "shares"
+    results = []
+    summary: dict = {"model": model_name, "method": args.method, "normalised": not args.raw, "tasks": {}}
+    print(f"{model_name}: {args.method} component attribution ({'raw values' if args.raw else 'shares within each layer'}; "
+          "mean over layers)")
+    for task in tasks:
+        result = mechkit.attribute_components(model, task, method=args.method, normalise=not args.raw,
+                                              elementwise=args.elementwise, corruption=args.corruption,
+                                              batch_size=args.batch_size, progress=not args.quiet)
+        stem = folder / f"components_{_slug(task.name)}_{method}_{kind}"
+        result.save(stem.with_suffix(".npz"))
+        plt.close(save_figure(component_share_figure(result), stem))
+        results.append(result)
+        baseline = result.attrs.get("baseline") or {}
+        summary["tasks"][task.name] = {"baseline": {k: baseline.get(k) for k in ("n", "metric", "clean", "ci", "significant")},
+                                       "values": result.values.tolist()}
+        note = f" clean {_baseline_text(baseline)}" if "clean" in baseline else ""
+        print(f"  {task.name:<26}{note}  {_component_line(result)}")
+    if len(results) > 1:
+        mean = _mean_of(results, f"mean of {len(results)} tasks")
+        stem = folder / f"components_mean_{method}_{kind}"
+        mean.save(stem.with_suffix(".npz"))
+        plt.close(save_figure(component_share_figure(mean, title=f"Component attribution ({args.method}): {model_name}, "
+                                                            f"mean of {len(results)} tasks"), stem))
+        print(f"  {'mean':<26}  {_component_line(mean)}")
+    (folder / f"components_summary_{method}_{kind}.json").write_text(json.dumps(summary, indent=2, default=str))
+    print(f"  wrote {folder}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mechkit", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -264,6 +452,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--per-type", type=int, default=None, help="qa: questions per type")
     p.add_argument("--annotate", action="store_true", help="write each cell's value")
     p.set_defaults(run=_cmd_probe)
+
+    p = sub.add_parser("attribute-heads", help="how much each head matters for each task (layer x head), with the task grid")
+    p.add_argument("--model", action="append", required=True, help="model name or path (repeatable: one grid each)")
+    p.add_argument("--task", action="append", required=True,
+                   help="built-in task name, 'all' (the eight built-in tasks) or a .jsonl task file (repeatable)")
+    p.add_argument("--method", default="atp*", choices=["atp*", "atp", "patching", "dla", "mean_ablation", "zero_ablation"])
+    p.add_argument("--corruption", choices=["paired", "mean", "zero", "resample"], default=None,
+                   help="corrupted value for patching/AtP (default: the task's twin, else mean)")
+    p.add_argument("--nodes", choices=["z", "qkv"], default="z",
+                   help="score head outputs (z), or query/key/value nodes (qkv: patching, atp, atp*; one grid per node kind)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--examples", type=int, default=None, help="use the first N examples of each task")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(run=_cmd_attribute_heads)
+
+    p = sub.add_parser("attribute-components",
+                       help="each layer's q/k/v/o/up/gate/down share of a task's effect, or a checkpoint diff")
+    p.add_argument("--model", required=True, help="model name or path")
+    p.add_argument("--task", action="append", help="built-in task name, 'all' or a .jsonl task file (repeatable)")
+    p.add_argument("--method", default="grad_x_weight", choices=["grad_x_weight", "patching"])
+    p.add_argument("--compare", metavar="MODEL_B", help="instead: relative weight change ||W_a - W_b|| / ||W_b|| against MODEL_B")
+    p.add_argument("--raw", action="store_true", help="raw values instead of shares within each layer")
+    p.add_argument("--elementwise", action="store_true", help="grad_x_weight: sum |W * grad| over entries")
+    p.add_argument("--corruption", choices=["paired", "mean", "zero"], default=None, help="patching: corrupted value")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--examples", type=int, default=None, help="use the first N examples of each task")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(run=_cmd_attribute_components)
     return parser
 
 

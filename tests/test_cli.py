@@ -97,3 +97,82 @@ def test_probe_layers_and_positions_write_results_and_figures(tmp_path, tiny_fol
                  "--position", "first_answer", "--position", "-2", "--control", "1"]) == 0
     assert json.loads((out / "summary.json").read_text())["attrs"]["examples_per_position"] == {"first_answer": 40, "-2": 40}
     assert main(["probe", "layers", "--model", str(tiny_folder), "--dataset", "nope", "--out", str(out)]) == 2
+
+
+def copy_task_file(path, offset: int = 0, n: int = 8):
+    """A paired task the tiny tokenizer can read: "the capital of wI is" -> " wI" (corrupted: wJ)."""
+    rows = [{"clean": f"the capital of w{i + offset} is", "answer": f" w{i + offset}",
+             "corrupted": f"the capital of w{i + offset + 10} is", "corrupted_answer": f" w{i + offset + 10}"}
+            for i in range(n)]
+    path.write_text("\n".join(json.dumps(row) for row in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_folders(tmp_path_factory):
+    """A GPT-2-style folder (no MLP gate) and a second Llama of another seed (same shapes)."""
+    folders = {}
+    for arch, seed in (("gpt2", 0), ("llama", 1)):
+        folder = tmp_path_factory.mktemp(f"tiny-{arch}-{seed}")
+        kv = {} if arch == "gpt2" else {"n_kv_heads": 2}
+        hf_model, tokenizer, _ = tiny_hf_model(arch, n_layers=2, d_model=32, n_heads=4, seed=seed, **kv)
+        hf_model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        folders[arch] = folder
+    return folders
+
+
+def test_attribute_heads_writes_results_a_task_grid_and_a_table(tmp_path, tiny_folder, capsys):
+    from mechkit.results import LabelledArray
+
+    task = copy_task_file(tmp_path / "copy.jsonl")
+    out = tmp_path / "heads"
+    assert main(["attribute-heads", "--model", str(tiny_folder), "--task", str(task), "--method", "atp",
+                 "--examples", "5", "--batch-size", "4", "--out", str(out), "--quiet"]) == 0
+    (folder,) = [p for p in out.iterdir() if p.is_dir()]
+    result = LabelledArray.load(folder / "copy_atp.npz")
+    assert result.axes == ("layer", "head") and result.shape == (2, 4)
+    assert result.attrs["method"] == "atp" and result.attrs["baseline"]["n"] == 5
+    assert (folder / "task_grid_atp.png").exists() and (folder / "task_grid_atp.svg").exists()
+    printed = capsys.readouterr().out
+    assert "clean metric [95% CI]" in printed and "top-3 heads" in printed
+    (row,) = [line for line in printed.splitlines() if line.strip().startswith("copy")]
+    assert row.count("L") >= 3 and "[" in row
+    summary = json.loads((out / "summary_atp.json").read_text())
+    (tasks,) = summary["models"].values()
+    assert len(tasks["copy"]["top_heads"]) == 3 and tasks["copy"]["n"] == 5
+    assert main(["attribute-heads", "--model", str(tiny_folder), "--task", str(task), "--method", "atp", "--nodes", "qkv",
+                 "--examples", "3", "--out", str(out), "--quiet"]) == 0
+    nodes = LabelledArray.load(folder / "copy_atp_qkv.npz")
+    assert nodes.axes == ("layer", "head", "node") and nodes.labels["node"] == ["q", "k", "v"]
+    assert all((folder / f"task_grid_atp_qkv_{node}.svg").exists() for node in "qkv")
+    assert main(["attribute-heads", "--model", str(tiny_folder), "--task", "nope", "--out", str(out)]) == 2
+    assert main(["attribute-heads", "--model", str(tiny_folder), "--task", str(task), "--examples", "0",
+                 "--out", str(out)]) == 2
+
+
+def test_attribute_components_saves_each_task_the_mean_and_a_checkpoint_diff(tmp_path, tiny_folder, tiny_folders, capsys):
+    from mechkit.results import LabelledArray
+
+    tasks = [copy_task_file(tmp_path / "copy_a.jsonl"), copy_task_file(tmp_path / "copy_b.jsonl", offset=20)]
+    out = tmp_path / "components"
+    assert main(["attribute-components", "--model", str(tiny_folders["gpt2"]), "--task", str(tasks[0]), "--task",
+                 str(tasks[1]), "--method", "grad_x_weight", "--examples", "6", "--out", str(out), "--quiet"]) == 0
+    (folder,) = [p for p in out.iterdir() if p.is_dir()]
+    per_task = LabelledArray.load(folder / "components_copy_a_grad_x_weight_shares.npz")
+    mean = LabelledArray.load(folder / "components_mean_grad_x_weight_shares.npz")
+    gate = mean.axes.index("component")
+    assert np.isnan(mean.sel(component="gate").values).all()  # GPT-2 has no gate: missing, not 0
+    np.testing.assert_allclose(np.nansum(mean.values, axis=gate), 1.0, rtol=1e-5)
+    assert per_task.attrs["baseline"]["n"] == 6 and mean.attrs["tasks"] == ["copy_a", "copy_b"]
+    for stem in ("components_copy_a_grad_x_weight_shares", "components_mean_grad_x_weight_shares"):
+        assert (folder / f"{stem}.png").exists() and (folder / f"{stem}.svg").exists()
+    assert "gate n/a" in capsys.readouterr().out
+
+    assert main(["attribute-components", "--model", str(tiny_folder), "--compare", str(tiny_folders["llama"]),
+                 "--out", str(out)]) == 0
+    (diff_file,) = out.glob("*/checkpoint_diff_*.npz")
+    diff = LabelledArray.load(diff_file)
+    assert diff.attrs["method"] == "checkpoint_diff" and np.isfinite(diff.values).all() and (diff.values > 0).all()
+    assert diff_file.with_suffix(".png").exists()
+    assert main(["attribute-components", "--model", str(tiny_folder), "--out", str(out)]) == 2  # no task, no compare
