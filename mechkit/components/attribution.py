@@ -39,7 +39,13 @@ from tqdm.auto import tqdm
 from mechkit.data.tasks import Task, as_task, tokenise_task
 from mechkit.errors import MechkitError
 from mechkit.heads.attribution import task_metric
-from mechkit.heads.patching import metric, metric_positions, run_to_logits, task_batches
+from mechkit.heads.patching import (
+    cache_activations,
+    metric,
+    metric_positions,
+    run_to_logits,
+    task_batches,
+)
 from mechkit.results import LabelledArray, Provenance
 
 COMPONENTS = ("q", "k", "v", "o", "up", "gate", "down")
@@ -134,7 +140,7 @@ def _patching(model, tok, corruption: str, batch_size: int, bar) -> np.ndarray:
     if corruption == "mean":  # each activation's mean over the task's examples and positions
         count = 0
         for batch in task_batches(tok, batch_size):
-            cache = _cache(model, batch.clean, hooks.values())
+            cache = cache_activations(model, batch.clean, hooks.values())
             for name, x in cache.items():
                 means[name] = means.get(name, 0) + x.sum((0, 1))
             count += batch.clean.shape[0] * batch.clean.shape[1]
@@ -143,8 +149,8 @@ def _patching(model, tok, corruption: str, batch_size: int, bar) -> np.ndarray:
         positions = metric_positions(batch)
         with torch.no_grad():
             clean = metric(batch, run_to_logits(model, batch.clean, positions))
-        source = _cache(model, batch.corrupted, hooks.values()) if corruption == "paired" else None
-        resid = _cache(model, batch.clean, [f"blocks.{l}.hook_resid_pre" for l in range(cfg.n_layers)])
+        source = cache_activations(model, batch.corrupted, hooks.values()) if corruption == "paired" else None
+        resid = cache_activations(model, batch.clean, [f"blocks.{l}.hook_resid_pre" for l in range(cfg.n_layers)])
         for (layer, component), name in hooks.items():
             def patch(x, hook, name=name, source=source):
                 if corruption == "paired":
@@ -162,20 +168,6 @@ def _patching(model, tok, corruption: str, batch_size: int, bar) -> np.ndarray:
             if (layer, component) not in hooks:
                 raw[layer, COMPONENTS.index(component)] = np.nan
     return raw
-
-
-def _cache(model, tokens, names) -> dict[str, torch.Tensor]:
-    """The activations at hooks ``names`` on ``tokens`` (no grad)."""
-    store: dict[str, torch.Tensor] = {}
-
-    def keep(name):
-        def hook(x, hook):
-            store[name] = x.detach()
-        return hook
-
-    with torch.no_grad():
-        run_to_logits(model, tokens, [-1], fwd_hooks=[(name, keep(name)) for name in set(names)])
-    return store
 
 
 def attribute_components(

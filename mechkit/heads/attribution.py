@@ -45,7 +45,9 @@ from mechkit.heads import qkv_nodes
 from mechkit.heads.patching import (
     TaskBatch,
     bootstrap_interval,
+    cache_activations,
     metric,
+    metric_gradients,
     metric_positions,
     run_to_logits,
     task_batches,
@@ -63,16 +65,8 @@ def _z_name(layer: int) -> str:
 
 def _cache_z(model, tokens: Tensor) -> list[Tensor]:
     """Every layer's head outputs ``(batch, pos, head, d_head)`` on ``tokens`` (no grad)."""
-    store: dict[int, Tensor] = {}
-
-    def keep(layer: int):
-        def hook(z: Tensor, hook) -> None:
-            store[layer] = z.detach()
-        return hook
-
-    with torch.no_grad():
-        run_to_logits(model, tokens, [-1], fwd_hooks=[(_z_name(l), keep(l)) for l in range(model.cfg.n_layers)])
-    return [store[l] for l in range(model.cfg.n_layers)]
+    store = cache_activations(model, tokens, [_z_name(l) for l in range(model.cfg.n_layers)])
+    return [store[_z_name(l)] for l in range(model.cfg.n_layers)]
 
 
 class _Corruption:
@@ -108,15 +102,7 @@ def _patching(model, batch: TaskBatch, clean_z, corrupt_z, clean_metric, heads_p
     (rows of other layers stay zero)."""
     cfg = model.cfg
     positions = metric_positions(batch)
-    resid: dict[int, Tensor] = {}
-
-    def keep(layer):
-        def hook(x, hook):
-            resid[layer] = x.detach()
-        return hook
-
-    with torch.no_grad():
-        run_to_logits(model, batch.clean, [-1], fwd_hooks=[(f"blocks.{l}.hook_resid_pre", keep(l)) for l in range(cfg.n_layers)])
+    resid = cache_activations(model, batch.clean, [f"blocks.{l}.hook_resid_pre" for l in layers])
     out = torch.zeros(cfg.n_layers, cfg.n_heads, len(batch))
     n = len(batch)
     for layer in layers:
@@ -130,7 +116,7 @@ def _patching(model, batch: TaskBatch, clean_z, corrupt_z, clean_metric, heads_p
                     z[g * n:(g + 1) * n, :, head] = source[:, :, head]
                 return z
 
-            inputs = resid[layer].repeat(len(heads), 1, 1)
+            inputs = resid[f"blocks.{layer}.hook_resid_pre"].repeat(len(heads), 1, 1)
             with torch.no_grad():
                 logits = run_to_logits(model, inputs, positions, start_at_layer=layer,
                                        fwd_hooks=[(_z_name(layer), patch)])
@@ -140,36 +126,10 @@ def _patching(model, batch: TaskBatch, clean_z, corrupt_z, clean_metric, heads_p
     return out
 
 
-def _gradients(model, batch: TaskBatch, drop_layer: int | None = None) -> tuple[Tensor, list[Tensor]]:
-    """Per-example clean metric and d(sum of metric)/dz for every layer's head outputs; with
-    ``drop_layer``, no gradient flows through that layer's attention and MLP outputs (GradDrop)."""
-    cfg = model.cfg
-    deltas = {}
-
-    def leaf(layer):
-        def hook(z: Tensor, hook) -> Tensor:
-            delta = torch.zeros_like(z, requires_grad=True)
-            deltas[layer] = delta
-            return z + delta
-        return hook
-
-    def cut(x: Tensor, hook) -> Tensor:
-        return x.detach()
-
-    hooks = [(_z_name(l), leaf(l)) for l in range(cfg.n_layers)]
-    if drop_layer is not None:
-        hooks += [(f"blocks.{drop_layer}.hook_attn_out", cut), (f"blocks.{drop_layer}.hook_mlp_out", cut)]
-    with torch.enable_grad():
-        values = metric(batch, run_to_logits(model, batch.clean, metric_positions(batch), fwd_hooks=hooks))
-        if not values.requires_grad:
-            raise MechkitError("the metric does not depend on any head's output (zero gradient everywhere): "
-                               "check the task's answers and the model's unembedding")
-        grads = torch.autograd.grad(values.sum(), [deltas[l] for l in range(cfg.n_layers)], allow_unused=True)
-    grads = [torch.zeros_like(deltas[l]) if g is None else g for l, g in enumerate(grads)]
-    if drop_layer is None and all(not g.any() for g in grads):
-        raise MechkitError("the metric has zero gradient with respect to every head's output (it is constant "
-                           "in them): attribution would be all zeros; check the task's answers and the model")
-    return values.detach(), grads
+def _gradients(model, batch: TaskBatch, drop_layer: int | None = None) -> list[Tensor]:
+    """d(sum of metric)/dz for every layer's head outputs (GradDrop with ``drop_layer``)."""
+    names = [_z_name(l) for l in range(model.cfg.n_layers)]
+    return [metric_gradients(model, batch, names, drop_layer=drop_layer)[1][n] for n in names]
 
 
 def _atp(clean_z, corrupt_z, grads) -> Tensor:
@@ -182,14 +142,9 @@ def _dla(model, batch: TaskBatch, clean_z: list[Tensor]) -> Tensor:
     weights = BridgeWeights(model)
     cfg = model.cfg
     last = batch.clean.shape[1] - 1 if batch.answer is not None else batch.clean.shape[1] - batch.answer_length - 1
-    resid = {}
-
-    def keep(x, hook):
-        resid["final"] = x.detach()
-
+    final_name = f"blocks.{cfg.n_layers - 1}.hook_resid_post"
     with torch.no_grad():
-        run_to_logits(model, batch.clean, [-1], fwd_hooks=[(f"blocks.{cfg.n_layers - 1}.hook_resid_post", keep)])
-        final = resid["final"][:, last].float()  # (batch, d_model)
+        final = cache_activations(model, batch.clean, [final_name])[final_name][:, last].float()  # (batch, d_model)
         layer_norm = getattr(cfg, "normalization_type", "RMS") in ("LN", "LNPre")
         centred = final - final.mean(-1, keepdim=True) if layer_norm else final
         scale = (centred.pow(2).mean(-1, keepdim=True) + cfg.eps).sqrt()  # the final norm's scale, clean run
@@ -314,12 +269,12 @@ def attribute_heads(
         else:
             corrupt_z = corrupt(batch, clean_z)
             if method == "atp":
-                scores = _atp(clean_z, corrupt_z, _gradients(model, batch)[1])
+                scores = _atp(clean_z, corrupt_z, _gradients(model, batch))
                 bar.update(len(batch))
             else:  # atp*: GradDrop, one backward per dropped layer
                 scores = torch.zeros(cfg.n_layers, cfg.n_heads, len(batch))
                 for drop in range(cfg.n_layers):
-                    scores += _atp(clean_z, corrupt_z, _gradients(model, batch, drop_layer=drop)[1]).abs()
+                    scores += _atp(clean_z, corrupt_z, _gradients(model, batch, drop_layer=drop)).abs()
                     bar.update(len(batch))
                 scores /= max(cfg.n_layers - 1, 1)
         per_example[..., batch.index] = scores

@@ -103,6 +103,53 @@ def run_to_logits(model, inputs: Tensor, positions: Sequence[int], *, start_at_l
     return final_logits(model, captured["resid"][:, list(positions)])
 
 
+def cache_activations(model, tokens: Tensor, names) -> dict[str, Tensor]:
+    """The activations at hooks ``names`` on ``tokens`` (no grad), stopping after the last block."""
+    store: dict[str, Tensor] = {}
+
+    def keep(name):
+        def hook(x, hook):
+            store[name] = x.detach()
+        return hook
+
+    with torch.no_grad():
+        run_to_logits(model, tokens, [-1], fwd_hooks=[(name, keep(name)) for name in dict.fromkeys(names)])
+    return store
+
+
+def metric_gradients(model, batch: TaskBatch, names: Sequence[str], *,
+                     drop_layer: int | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    """Per-example clean metric and d(sum of metric)/dx at each hook in ``names``, through zero
+    leaves added there (so every path stays in the graph). With ``drop_layer`` no gradient flows
+    through that layer's attention and MLP outputs (AtP*'s GradDrop). Raises when the metric is
+    constant in all of them."""
+    deltas: dict[str, Tensor] = {}
+
+    def leaf(name):
+        def hook(x, hook):
+            deltas[name] = torch.zeros_like(x, requires_grad=True)
+            return x + deltas[name]
+        return hook
+
+    def cut(x, hook):
+        return x.detach()
+
+    hooks = [(name, leaf(name)) for name in names]
+    if drop_layer is not None:
+        hooks += [(f"blocks.{drop_layer}.hook_attn_out", cut), (f"blocks.{drop_layer}.hook_mlp_out", cut)]
+    with torch.enable_grad():
+        values = metric(batch, run_to_logits(model, batch.clean, metric_positions(batch), fwd_hooks=hooks))
+        if not values.requires_grad:
+            raise MechkitError("the metric does not depend on the patched activations (zero gradient everywhere): "
+                               "check the task's answers and the model's unembedding")
+        found = torch.autograd.grad(values.sum(), [deltas[n] for n in names], allow_unused=True)
+    grads = {n: torch.zeros_like(deltas[n]) if g is None else g for n, g in zip(names, found)}
+    if drop_layer is None and all(not g.any() for g in grads.values()):
+        raise MechkitError("the metric has zero gradient with respect to every patched activation (it is constant "
+                           "in them): attribution would be all zeros; check the task's answers and the model")
+    return values.detach(), grads
+
+
 def bootstrap_interval(values: np.ndarray, *, resamples: int = 1000, seed: int = 0,
                        level: float = 0.95) -> tuple[float, float]:
     """Percentile bootstrap interval of the mean."""
@@ -115,5 +162,14 @@ def bootstrap_interval(values: np.ndarray, *, resamples: int = 1000, seed: int =
     return float(np.percentile(means, tail)), float(np.percentile(means, 100 - tail))
 
 
-__all__ = ["TaskBatch", "bootstrap_interval", "final_logits", "metric", "metric_positions", "run_to_logits",
-           "task_batches"]
+__all__ = [
+    "TaskBatch",
+    "bootstrap_interval",
+    "cache_activations",
+    "final_logits",
+    "metric",
+    "metric_gradients",
+    "metric_positions",
+    "run_to_logits",
+    "task_batches",
+]

@@ -23,7 +23,14 @@ from einops import einsum
 from torch import Tensor
 
 from mechkit.errors import MechkitError
-from mechkit.heads.patching import TaskBatch, metric, metric_positions, run_to_logits
+from mechkit.heads.patching import (
+    TaskBatch,
+    cache_activations,
+    metric,
+    metric_gradients,
+    metric_positions,
+    run_to_logits,
+)
 
 NODES = ("q", "k", "v")
 _CACHED = ("attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_rot_q", "attn.hook_rot_k",
@@ -35,17 +42,7 @@ def _name(layer: int, hook: str) -> str:
 
 
 def _cache(model, tokens: Tensor) -> dict[str, Tensor]:
-    store: dict[str, Tensor] = {}
-
-    def keep(name):
-        def hook(x, hook):
-            store[name] = x.detach()
-        return hook
-
-    names = [_name(l, h) for l in range(model.cfg.n_layers) for h in _CACHED]
-    with torch.no_grad():
-        run_to_logits(model, tokens, [-1], fwd_hooks=[(n, keep(n)) for n in names])
-    return store
+    return cache_activations(model, tokens, [_name(l, h) for l in range(model.cfg.n_layers) for h in _CACHED])
 
 
 def corrupted_cache(clean: dict[str, Tensor], batch: TaskBatch, model, corruption: str) -> dict[str, Tensor]:
@@ -99,29 +96,6 @@ def patching(model, batch: TaskBatch, clean: dict, corrupt: dict, clean_metric: 
     return out
 
 
-def _gradients(model, batch: TaskBatch, hooks: tuple[str, ...], drop_layer: int | None) -> dict[str, Tensor]:
-    """d(sum of metric)/dx at ``hooks`` of every layer (through zero leaves added to them)."""
-    deltas: dict[str, Tensor] = {}
-
-    def leaf(name):
-        def hook(x, hook):
-            deltas[name] = torch.zeros_like(x, requires_grad=True)
-            return x + deltas[name]
-        return hook
-
-    def cut(x, hook):
-        return x.detach()
-
-    names = [_name(l, h) for l in range(model.cfg.n_layers) for h in hooks]
-    fwd = [(name, leaf(name)) for name in names]
-    if drop_layer is not None:
-        fwd += [(_name(drop_layer, "hook_attn_out"), cut), (_name(drop_layer, "hook_mlp_out"), cut)]
-    with torch.enable_grad():
-        values = metric(batch, run_to_logits(model, batch.clean, metric_positions(batch), fwd_hooks=fwd))
-        grads = torch.autograd.grad(values.sum(), [deltas[n] for n in names], allow_unused=True)
-    return {n: torch.zeros_like(deltas[n]) if g is None else g for n, g in zip(names, grads)}
-
-
 def _scale(scores: Tensor, q: Tensor, k: Tensor, group: int) -> float:
     """The attention's score scale, fitted on the clean run's unmasked scores (``s = scale * q.k``)."""
     raw = einsum(q, k.repeat_interleave(group, dim=2), "b t h d, b s h d -> b h t s")
@@ -135,7 +109,8 @@ def atp(model, clean: dict, corrupt: dict, batch: TaskBatch, *, qk_fix: bool, dr
     cfg = model.cfg
     group = _group(model)
     hooks = ("attn.hook_pattern", "attn.hook_v") if qk_fix else ("attn.hook_q", "attn.hook_k", "attn.hook_v")
-    grads = _gradients(model, batch, hooks, drop_layer)
+    grads = metric_gradients(model, batch, [_name(l, h) for l in range(cfg.n_layers) for h in hooks],
+                             drop_layer=drop_layer)[1]
     out = torch.zeros(cfg.n_layers, cfg.n_heads, 3, len(batch))
     for layer in range(cfg.n_layers):
         def linear(kind):
