@@ -9,6 +9,8 @@ the teacher-forced log-probability of the answer tokens.
 
 from __future__ import annotations
 
+import contextlib
+
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -82,6 +84,29 @@ def final_logits(model, resid: Float[Tensor, "batch p d_model"]) -> Float[Tensor
     return model.unembed(model.ln_final(resid))
 
 
+@contextlib.contextmanager
+def _skip_blocks_below(model, layer: int) -> Iterator[None]:
+    """Blocks below ``layer`` pass their input through untouched while the context is open.
+
+    TransformerLens's ``start_at_layer`` still runs every earlier block (on a placeholder input)
+    and discards the result at block ``layer``; skipping them saves that work, which is most of
+    exact patching's cost (a forward per head, starting at the head's layer).
+    """
+    components = [model.blocks[i].original_component for i in range(layer)]
+    saved = [c.forward for c in components]
+
+    def passthrough(*args, **kwargs):
+        return args[0] if args else kwargs["hidden_states"]
+
+    try:
+        for component in components:
+            component.forward = passthrough
+        yield
+    finally:
+        for component, forward in zip(components, saved):
+            component.forward = forward
+
+
 def run_to_logits(model, inputs: Tensor, positions: Sequence[int], *, start_at_layer: int | None = None,
                   fwd_hooks: Sequence[tuple[str, Callable]] = ()) -> Tensor:
     """Forward ``inputs`` (tokens, or the residual entering ``start_at_layer``) with hooks, stop
@@ -94,8 +119,10 @@ def run_to_logits(model, inputs: Tensor, positions: Sequence[int], *, start_at_l
 
     last = f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
     kwargs = {} if start_at_layer is None else {"start_at_layer": start_at_layer}
+    skip = _skip_blocks_below(model, start_at_layer) if start_at_layer else contextlib.nullcontext()
     try:
-        model.run_with_hooks(inputs, fwd_hooks=[*fwd_hooks, (last, stop)], **kwargs)
+        with skip:
+            model.run_with_hooks(inputs, fwd_hooks=[*fwd_hooks, (last, stop)], **kwargs)
     except _Stop:
         pass
     if "resid" not in captured:
