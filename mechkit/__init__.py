@@ -31,6 +31,7 @@ _ENTRY_POINTS = {
     "Task": "mechkit.data.tasks", "attribute_heads": "mechkit.heads.attribution",
     "attribute_components": "mechkit.components", "checkpoint_diff": "mechkit.components",
     "attribute_heads_distributed": "mechkit.heads.distributed",
+    "find_direction": "mechkit.directions", "steer": "mechkit.directions", "ablate_direction": "mechkit.directions",
 }
 
 if TYPE_CHECKING:
@@ -63,5 +64,6 @@ __all__ = [
     "CheckpointWeights", "LabelledArray", "MechkitError", "MemoryBudgetError", "ModelNotFoundError", "ProbeDataset",
     "Prompt", "Relation", "__version__", "classify_heads", "classify_heads_distributed", "collect_activations",
     "list_models", "load_model", "probe_layers", "probe_positions", "scale_heads", "Task", "attribute_heads",
-    "attribute_components", "checkpoint_diff", "attribute_heads_distributed",
+    "attribute_components", "checkpoint_diff", "attribute_heads_distributed", "find_direction", "steer",
+    "ablate_direction",
 ]
