@@ -27,8 +27,8 @@ from mechkit.data.relations import Relation
 from mechkit.errors import MechkitError
 from mechkit.heads.attribution import attribute_heads
 from mechkit.heads.classification import HeadClassification, classify_heads
-from mechkit.results import LabelledArray
 from mechkit.heads.weights import as_weights
+from mechkit.results import LabelledArray
 
 
 def classify_heads_distributed(

@@ -22,8 +22,11 @@ import torch
 from torch import Tensor
 
 from mechkit.errors import MechkitError
-
-from mechkit.kernels.projection import check_projection, projection_rank_reference, projection_topk_reference
+from mechkit.kernels.projection import (
+    check_projection,
+    projection_rank_reference,
+    projection_topk_reference,
+)
 
 BACKENDS = ("auto", "triton", "reference")
 HEAD_GROUP_BYTES = 2 << 30  # the Triton path forms A @ C for this many bytes of heads at a time
