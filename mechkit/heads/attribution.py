@@ -129,7 +129,8 @@ def _patching(model, batch: TaskBatch, clean_z, corrupt_z, clean_metric, heads_p
 def _gradients(model, batch: TaskBatch, drop_layer: int | None = None) -> list[Tensor]:
     """d(sum of metric)/dz for every layer's head outputs (GradDrop with ``drop_layer``)."""
     names = [_z_name(l) for l in range(model.cfg.n_layers)]
-    return [metric_gradients(model, batch, names, drop_layer=drop_layer)[1][n] for n in names]
+    grads = metric_gradients(model, batch, names, drop_layer=drop_layer)[1]
+    return [grads[n] for n in names]
 
 
 def _atp(clean_z, corrupt_z, grads) -> Tensor:
