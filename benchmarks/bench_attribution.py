@@ -34,6 +34,9 @@ Usage::
     python benchmarks/bench_attribution.py [--models smollm2-135m-instruct gemma-3-270m]
         [--tasks knowledge_recall ...] [--examples N] [--batch-size 16] [--out DIR] [--threads 2]
     python benchmarks/bench_attribution.py --from-summary DIR/summary.json   # reprint saved tables
+
+Each finished task is appended to ``DIR/rows.jsonl``; ``--resume`` keeps those (same
+``--examples``, ``--threads``, ``--batch-size``) and runs only the rest, in a new process.
 """
 
 from __future__ import annotations
@@ -195,6 +198,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--out", default=None, help="folder for the LabelledArray .npz files and summary.json")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the tasks already finished in --out (rows.jsonl, same settings) and run the rest")
     parser.add_argument("--from-summary", default=None,
                         help="print the tables and goals of a saved summary.json instead of running")
     args = parser.parse_args()
@@ -214,15 +219,39 @@ def main() -> None:
           f"batch size {args.batch_size}; out {args.out}", flush=True)
     started = time.perf_counter()
     results: dict[str, list[dict]] = {}
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+    rows_file = os.path.join(args.out, "rows.jsonl") if args.out else None
+    saved_rows = []
+    if args.resume and rows_file and os.path.exists(rows_file):
+        with open(rows_file, encoding="utf-8") as f:
+            saved_rows = [json.loads(line) for line in f if line.strip()]
+        saved_rows = [r for r in saved_rows if r.get("examples") == args.examples and r.get("threads") == args.threads
+                      and r.get("batch_size") == args.batch_size]
+    elif rows_file and os.path.exists(rows_file):
+        os.remove(rows_file)
     for model_name in args.models:
-        t0 = time.perf_counter()
-        model = mechkit.load_model(model_name)
-        print(f"{model_name}: loaded in {time.perf_counter() - t0:.1f} s "
-              f"({model.cfg.n_layers} layers x {model.cfg.n_heads} heads)", flush=True)
-        results[model_name] = [run_task(model, model_name, as_task(name), args.examples, args.batch_size, args.out)
-                               for name in args.tasks]
+        done = {row["task"]: row for row in saved_rows if row["model"] == model_name}
+        todo = [name for name in args.tasks if name not in done]
+        if todo:
+            t0 = time.perf_counter()
+            model = mechkit.load_model(model_name)
+            print(f"{model_name}: loaded in {time.perf_counter() - t0:.1f} s "
+                  f"({model.cfg.n_layers} layers x {model.cfg.n_heads} heads)", flush=True)
+        for name in args.tasks:
+            if name in done:
+                print(f"  {model_name} {name}: kept from {rows_file} (--resume)", flush=True)
+                continue
+            row = run_task(model, model_name, as_task(name), args.examples, args.batch_size, args.out)
+            done[name] = {"model": model_name, "examples": args.examples, "threads": args.threads,
+                          "batch_size": args.batch_size, "pid": os.getpid(), **row}
+            if rows_file:
+                with open(rows_file, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(done[name]) + "\n")
+        results[model_name] = [done[name] for name in args.tasks]
+        if todo:
+            del model
         table(model_name, results[model_name])
-        del model
     print(f"\ntotal {time.perf_counter() - started:.0f} s")
     goals(results)
     if args.out:
