@@ -32,7 +32,26 @@ _ENTRY_POINTS = {
     "attribute_components": "mechkit.components", "checkpoint_diff": "mechkit.components",
     "attribute_heads_distributed": "mechkit.heads.distributed",
     "find_direction": "mechkit.directions", "steer": "mechkit.directions", "ablate_direction": "mechkit.directions",
+    "orthogonalize": "mechkit.directions", "select_direction": "mechkit.directions",
+    "refusal_direction": "mechkit.directions",
 }
+
+
+def _make_abliterated(base: str, argument: str | None):
+    """``load_model("<model>+abliterated[:<direction file>]")``: built by ``directions/`` on first use."""
+    from mechkit.directions.abliteration import make_abliterated
+
+    return make_abliterated(base, argument)
+
+
+def _register_variants() -> None:
+    # The top level wires the layers together: models/ learns the variant without importing directions/.
+    from mechkit.models.registry import register_variant
+
+    register_variant("abliterated", _make_abliterated)
+
+
+_register_variants()
 
 if TYPE_CHECKING:
     from mechkit.activations import Prompt, collect_activations
@@ -65,5 +84,5 @@ __all__ = [
     "Prompt", "Relation", "__version__", "classify_heads", "classify_heads_distributed", "collect_activations",
     "list_models", "load_model", "probe_layers", "probe_positions", "scale_heads", "Task", "attribute_heads",
     "attribute_components", "checkpoint_diff", "attribute_heads_distributed", "find_direction", "steer",
-    "ablate_direction",
+    "ablate_direction", "orthogonalize", "select_direction", "refusal_direction",
 ]

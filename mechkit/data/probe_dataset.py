@@ -57,9 +57,12 @@ class ProbeDataset:
         return {c: int((self.labels == c).sum()) for c in (0, 1)}
 
     def subset(self, index: Sequence[int]) -> ProbeDataset:
+        """The examples at ``index``; ``attrs`` lists parallel to the prompts are sliced with them."""
         index = list(index)
+        attrs = {key: [value[i] for i in index] if isinstance(value, list) and len(value) == len(self) else value
+                 for key, value in self.attrs.items()}
         return ProbeDataset(self.name, [self.prompts[i] for i in index], self.labels[index],
-                            [self.groups[i] for i in index] if self.groups else None, self.attrs)
+                            [self.groups[i] for i in index] if self.groups else None, attrs)
 
     def fingerprint(self) -> list:
         """What the data hash of a result is taken over."""

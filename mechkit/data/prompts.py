@@ -94,6 +94,11 @@ def _render(model, prompt: Prompt) -> tuple[str, int]:
     return rendered, offset
 
 
+def render_text(model, prompt: str | Prompt) -> str:
+    """The text the model reads for ``prompt`` (a chat prompt rendered with the model's chat template)."""
+    return _render(model, prompt if isinstance(prompt, Prompt) else Prompt(prompt))[0]
+
+
 def encode(model, prompt: Prompt) -> EncodedPrompt:
     """Tokenise one prompt under the module's BOS and chat policy."""
     tokenizer = model.tokenizer

@@ -11,7 +11,7 @@ Methods: ``"mean_diff"`` (difference of the class means, Arditi et al. 2024) and
 mapped back from standardised to raw features). Selecting the best candidate by held-out AUC
 is what :meth:`DirectionSet.best` does; the causal selection of Arditi et al. (ablation
 removes a behaviour, addition induces it, small KL on harmless prompts, last ~20% of layers
-skipped) is not built yet.
+skipped) is :func:`mechkit.directions.selection.select_direction`.
 """
 
 from __future__ import annotations
@@ -35,11 +35,16 @@ METHODS = ("mean_diff", "probe")
 
 @dataclass
 class DirectionSet:
-    """Unit directions ``(layer, position, d_model)`` with held-out and shuffled-label AUCs ``(layer, position)``."""
+    """Unit directions ``(layer, position, d_model)`` with held-out and shuffled-label AUCs ``(layer, position)``.
+
+    ``shift`` is the mean projection of the positive minus the negative training prompts onto each
+    direction: the size of step that turns one class into the other (what steering adds).
+    """
 
     directions: LabelledArray
     auc: LabelledArray
     control_auc: LabelledArray
+    shift: LabelledArray | None = None
 
     def direction(self, layer: int, position: int | str | None = None) -> Float[Tensor, " d_model"]:
         """The unit direction at ``layer`` (and ``position``; default the first one)."""
@@ -140,6 +145,8 @@ def find_direction(
     directions = _fit(method, X[:, train], y_train)
     shuffled = torch.from_numpy(rng.permutation(labels[train]))
     control = _fit(method, X[:, train], shuffled, strict=False)
+    projections = torch.einsum("cnd,cd->cn", X[:, train], directions)
+    shift = projections[:, y_train == 1].mean(1) - projections[:, y_train == 0].mean(1)
     auc = _auc(X[:, test], labels[test], directions)
     control_auc = _auc(X[:, test], labels[test], control)
     shape = (len(layer_list), n_pos)
@@ -156,6 +163,9 @@ def find_direction(
                       provenance=provenance, attrs=settings),
         LabelledArray(control_auc.reshape(shape), ("layer", "position"), labels_2d,
                       name="held-out AUC, direction from shuffled labels", provenance=provenance, attrs=settings),
+        LabelledArray(shift.reshape(shape).numpy(), ("layer", "position"), labels_2d,
+                      name="mean projection, positive minus negative (training prompts)", provenance=provenance,
+                      attrs=settings),
     )
 
 

@@ -1,6 +1,24 @@
-"""Models: load anything TransformerLens 4 supports, offline registry, synthetic models."""
+"""Models: load anything TransformerLens 4 supports, offline registry, synthetic models.
 
-from mechkit.models.loading import ModelInfo, load_model, model_info
-from mechkit.models.registry import BUNDLED, DEFAULT_MODEL, list_models, register_cached_model
+Names are imported on first use, so that the registry (which ``mechkit`` fills at import time)
+does not pull in TransformerLens.
+"""
+
+import importlib
+
+_NAMES = {
+    "BUNDLED": "mechkit.models.registry", "DEFAULT_MODEL": "mechkit.models.registry",
+    "list_models": "mechkit.models.registry", "register_cached_model": "mechkit.models.registry",
+    "ModelInfo": "mechkit.models.loading", "load_model": "mechkit.models.loading", "model_info": "mechkit.models.loading",
+}
+
+
+def __getattr__(name: str):
+    if name in _NAMES:
+        value = getattr(importlib.import_module(_NAMES[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'mechkit.models' has no attribute {name!r}")
+
 
 __all__ = ["BUNDLED", "DEFAULT_MODEL", "ModelInfo", "list_models", "load_model", "model_info", "register_cached_model"]

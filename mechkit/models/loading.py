@@ -30,8 +30,10 @@ from mechkit.models.gguf import convert_gguf, file_sha256
 from mechkit.models.registry import (
     BUNDLED,
     DEFAULT_MODEL,
+    VARIANTS,
     cached_models,
     read_meta,
+    split_variant,
     unknown_model_error,
 )
 
@@ -287,6 +289,10 @@ def load_model(
     name = str(name_or_path) if name_or_path is not None else DEFAULT_MODEL
     path = Path(name).expanduser()
     cached = cached_models()
+    meta: dict = {}
+    if name not in cached and not path.exists() and (variant := split_variant(name)) is not None:
+        base, suffix, argument = variant
+        cached = {name: VARIANTS[suffix](base, argument)}  # made and saved once, then read from the cache
     if name in BUNDLED:
         folder = _ensure_bundled(name)
         bridge = _load_folder(folder, name, device, dtype, placement)
@@ -317,7 +323,7 @@ def load_model(
     else:
         raise unknown_model_error(name)
     info.chat = info.chat and bool(getattr(bridge.tokenizer, "chat_template", None))
-    info.prepend_bos = getattr(bridge, "mechkit_prepend_bos", True)
+    info.prepend_bos = meta.get("prepend_bos", getattr(bridge, "mechkit_prepend_bos", True))
     info._weights_hash = getattr(bridge, "mechkit_weights_hash", None)
     bridge.mechkit = info
     bridge.mechkit_load_seconds = time.perf_counter() - started

@@ -117,6 +117,31 @@ def register_cached_model(name: str, folder: Path, **meta: object) -> None:
     write_meta(folder, {**read_meta(folder), **meta, "name": name})
 
 
+VariantMaker = Callable[[str, str | None], Path]
+VARIANTS: dict[str, VariantMaker] = {}
+
+
+def register_variant(suffix: str, maker: VariantMaker) -> None:
+    """Let ``load_model("<model>+<suffix>[:<argument>]")`` build a variant of a model on first use.
+
+    ``maker(base_name, argument)`` makes the variant, saves it in the cache and returns its folder;
+    later loads read the cache. Registered by the layer that owns the edit (``mechkit`` registers
+    ``"abliterated"`` from ``directions/``), so ``models/`` never imports it.
+    """
+    VARIANTS[suffix] = maker
+
+
+def split_variant(name: str) -> tuple[str, str, str | None] | None:
+    """``"base+suffix:argument"`` -> (base, suffix, argument) when ``suffix`` is registered, else None."""
+    base, plus, rest = name.rpartition("+")
+    if not plus or not base:
+        return None
+    suffix, colon, argument = rest.partition(":")
+    if suffix not in VARIANTS:
+        return None
+    return base, suffix, (argument if colon else None)
+
+
 def list_models() -> list[dict]:
     """What can be loaded offline: bundled models (installed or not) and cached models."""
     rows = []
