@@ -1,5 +1,11 @@
 """Built-in datasets as data files, and the code that reads, tokenises and validates them."""
 
+from mechkit.data.function_chains import (
+    FUNCTIONS,
+    SubQuestion,
+    function_dataset,
+    load_function_chains,
+)
 from mechkit.data.probe_dataset import ProbeDataset
 from mechkit.data.relations import (
     CATEGORIES,
@@ -16,5 +22,6 @@ from mechkit.data.safety import (
     jailbreak_templates,
 )
 
-__all__ = ["CATEGORIES", "ProbeDataset", "Relation", "apply_template", "builtin_relations", "harmful_requests",
-           "harmful_vs_harmless", "harmless_requests", "jailbreak", "jailbreak_templates", "load_relation_file"]
+__all__ = ["CATEGORIES", "FUNCTIONS", "ProbeDataset", "Relation", "SubQuestion", "apply_template", "builtin_relations",
+           "function_dataset", "harmful_requests", "harmful_vs_harmless", "harmless_requests", "jailbreak",
+           "jailbreak_templates", "load_function_chains", "load_relation_file"]

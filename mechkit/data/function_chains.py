@@ -79,12 +79,16 @@ class SubQuestion:
     step: int = 0
 
     def __post_init__(self) -> None:
-        context = tuple((str(q), str(a)) for q, a in self.context)
+        context = tuple(tuple(pair) for pair in self.context)
         object.__setattr__(self, "context", context)
         if self.function not in FUNCTIONS:
             raise MechkitError(f"unknown function {self.function!r}; use one of {FUNCTIONS}")
-        for name, text in [("question", self.question), ("answer", self.answer)] + \
-                [(f"context {kind}", text) for pair in context for kind, text in zip(("question", "answer"), pair)]:
+        if any(len(pair) != 2 for pair in context):
+            raise MechkitError(f"sub-question {self.question!r}: context holds (question, answer) pairs, got {context}")
+        texts = [("question", self.question), ("answer", self.answer)]
+        texts += [(f"context step {i + 1} {kind}", text)
+                  for i, pair in enumerate(context) for kind, text in zip(("question", "answer"), pair)]
+        for name, text in texts:
             problem = _text_problem(text)
             if problem:
                 raise MechkitError(f"sub-question {self.question!r}: {name} {problem}")
@@ -276,7 +280,7 @@ def _expand(seed: dict, fills: dict[str, list[dict]], where: str, chain_id: str)
         for key, text in (("question", question), ("answer", answer)):
             problem = _text_problem(text)
             if problem:
-                raise MechkitError(f"{where}: row {index + 1} gives a {key} that {problem}")
+                raise MechkitError(f"{where}: row {index + 1}: the {key} {problem}")
         out.append(SubQuestion(question, answer, seed["function"], (), chain_id, 0))
     return out
 
