@@ -54,7 +54,11 @@ class DirectionSet:
         key = positions[0] if position is None else str(position)
         if key not in positions:
             raise MechkitError(f"no direction at position {position!r}; this set has {positions}")
-        return torch.from_numpy(self.directions.values[layers.index(layer), positions.index(key)].copy())
+        vector = torch.from_numpy(self.directions.values[layers.index(layer), positions.index(key)].copy())
+        if vector.norm() == 0:
+            raise MechkitError(f"no direction at layer {layer}, position {key}: the two sets' activations are "
+                               "identical there (e.g. the embedding of a chat template's last token)")
+        return vector
 
     def best(self) -> tuple[int, str, Float[Tensor, " d_model"]]:
         """(layer, position, direction) with the highest held-out AUC."""
@@ -69,21 +73,19 @@ def _split(n: int, test_size: float, rng: np.random.Generator) -> tuple[np.ndarr
     return order[n_test:], order[:n_test]
 
 
-def _unit(vectors: Tensor, strict: bool) -> Tensor:
-    """Unit rows; a zero row is an error, or (``strict=False``, the shuffled-label control, where
-    two classes can have identical means) stays zero and so scores every prompt alike (AUC 0.5)."""
-    norms = vectors.norm(dim=-1, keepdim=True)
-    if not torch.isfinite(vectors).all() or (strict and (norms == 0).any()):
-        raise MechkitError("a direction came out zero or non-finite: the two sets give identical activations there")
-    return vectors / norms.clamp_min(torch.finfo(vectors.dtype).tiny)
+def _unit(vectors: Tensor) -> Tensor:
+    """Unit rows; a zero or non-finite row (the two sets' activations do not differ there, e.g. the
+    embedding of a chat template's last token) stays zero and so scores every prompt alike."""
+    vectors = torch.where(torch.isfinite(vectors).all(-1, keepdim=True), vectors, torch.zeros_like(vectors))
+    return vectors / vectors.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(vectors.dtype).tiny)
 
 
-def _fit(method: str, X: Tensor, y: Tensor, strict: bool = True) -> Tensor:
+def _fit(method: str, X: Tensor, y: Tensor) -> Tensor:
     """Directions ``(cell, d)`` from features ``(cell, n, d)`` and 0/1 labels."""
     if method == "mean_diff":
-        return _unit(X[:, y == 1].mean(1) - X[:, y == 0].mean(1), strict)
+        return _unit(X[:, y == 1].mean(1) - X[:, y == 0].mean(1))
     probe = fit_probes(X, y)
-    return _unit(probe.weight / probe.scale, strict)
+    return _unit(probe.weight / probe.scale)
 
 
 def _auc(X: Tensor, y: np.ndarray, directions: Tensor) -> np.ndarray:
@@ -143,12 +145,16 @@ def find_direction(
     X = X.permute(0, 2, 1, 3).reshape(len(layer_list) * n_pos, X.shape[1], X.shape[3])
     y_train = torch.from_numpy(labels[train])
     directions = _fit(method, X[:, train], y_train)
+    degenerate = (directions.norm(dim=-1) == 0).numpy()
+    if degenerate.all():
+        raise MechkitError("the two prompt sets give identical activations at every layer and position asked for: "
+                           "no direction separates them")
     shuffled = torch.from_numpy(rng.permutation(labels[train]))
-    control = _fit(method, X[:, train], shuffled, strict=False)
+    control = _fit(method, X[:, train], shuffled)
     projections = torch.einsum("cnd,cd->cn", X[:, train], directions)
     shift = projections[:, y_train == 1].mean(1) - projections[:, y_train == 0].mean(1)
-    auc = _auc(X[:, test], labels[test], directions)
-    control_auc = _auc(X[:, test], labels[test], control)
+    auc = np.where(degenerate, np.nan, _auc(X[:, test], labels[test], directions))  # NaN: no direction there
+    control_auc = np.where(degenerate, np.nan, _auc(X[:, test], labels[test], control))
     shape = (len(layer_list), n_pos)
     position_labels = [str(p) for p in acts.positions]
     settings = dict(method=method, test_size=test_size, layers=layer_list, positions=position_labels,

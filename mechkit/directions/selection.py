@@ -91,7 +91,7 @@ def select_direction(model, directions: DirectionSet, positive: Sequence[str | P
     scores[..., MEASURES.index("auc")] = directions.auc.values
     scores[..., MEASURES.index("eligible")] = 0
     cells = [(li, pi) for li, layer in enumerate(layers) for pi in range(len(positions))
-             if layer < max_layer_fraction * n_layers]
+             if layer < max_layer_fraction * n_layers and not np.isnan(directions.auc.values[li, pi])]
     if not cells:
         raise MechkitError(f"no candidate lies below {max_layer_fraction:.0%} of the {n_layers} layers: "
                            "find directions at earlier layers or raise max_layer_fraction")
