@@ -147,7 +147,7 @@ def _cmd_classify_heads(args: argparse.Namespace) -> int:
     return 0
 
 
-BUILTIN_DATASETS = ("true_false", "sentiment", "qa")
+BUILTIN_DATASETS = ("true_false", "sentiment", "qa", "jailbreak", "jailbreak_by_template", "harmful_vs_harmless")
 
 
 def _dataset(name: str, model=None, *, per_type: int | None = None):
@@ -159,6 +159,14 @@ def _dataset(name: str, model=None, *, per_type: int | None = None):
         return true_false()
     if name == "sentiment":
         return sentiment()
+    if name in ("jailbreak", "jailbreak_by_template"):  # plain text, so that base and chat models read the same
+        from mechkit.data.safety import jailbreak
+
+        return jailbreak(split_by="template" if name.endswith("by_template") else "request")
+    if name == "harmful_vs_harmless":
+        from mechkit.data.safety import harmful_vs_harmless
+
+        return harmful_vs_harmless()
     if name == "qa":
         from mechkit.probing.qa import qa_dataset
 
