@@ -185,6 +185,14 @@ class LabelledArray:
             values = values[tuple(key)]
         return LabelledArray(values, axes, labels, name=self.name, provenance=self.provenance, attrs=self.attrs)
 
+    def with_values(self, values: Any, *, name: str | None = None) -> LabelledArray:
+        """The same axes, labels, provenance and attrs around new ``values`` of the same shape."""
+        values = np.asarray(values)
+        if values.shape != self.values.shape:
+            raise ValueError(f"new values have shape {values.shape}, not {self.values.shape}")
+        return LabelledArray(values, self.axes, self.labels, name=name or self.name, provenance=self.provenance,
+                             attrs=self.attrs)
+
     def transpose(self, *axes: str) -> LabelledArray:
         for axis in axes:
             self._check_axis(axis)

@@ -32,6 +32,7 @@ head's output on another example of the same length).
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -52,6 +53,7 @@ from mechkit.heads.patching import (
     run_to_logits,
     task_batches,
 )
+from mechkit.heads.interventions import check_heads
 from mechkit.heads.weights import BridgeWeights
 from mechkit.results import LabelledArray, Provenance
 
@@ -97,17 +99,17 @@ class _Corruption:
 
 
 def _patching(model, batch: TaskBatch, clean_z, corrupt_z, clean_metric, heads_per_run: int, bar,
-              layers: list[int]) -> Tensor:
-    """Per-example ``metric(clean) - metric(head patched)`` for the heads of ``layers``: ``(layer, head, batch)``
-    (rows of other layers stay zero)."""
+              head_lists: dict[int, list[int]]) -> Tensor:
+    """Per-example ``metric(clean) - metric(head patched)`` for the heads in ``head_lists`` ({layer: heads}):
+    ``(layer, head, batch)`` (other entries stay zero)."""
     cfg = model.cfg
     positions = metric_positions(batch)
-    resid = cache_activations(model, batch.clean, [f"blocks.{l}.hook_resid_pre" for l in layers])
+    resid = cache_activations(model, batch.clean, [f"blocks.{l}.hook_resid_pre" for l in head_lists])
     out = torch.zeros(cfg.n_layers, cfg.n_heads, len(batch))
     n = len(batch)
-    for layer in layers:
-        for start in range(0, cfg.n_heads, heads_per_run):
-            heads = list(range(start, min(start + heads_per_run, cfg.n_heads)))
+    for layer, layer_heads in head_lists.items():
+        for start in range(0, len(layer_heads), heads_per_run):
+            heads = layer_heads[start:start + heads_per_run]
             source = corrupt_z[layer]
 
             def patch(z: Tensor, hook, heads=heads, source=source) -> Tensor:
@@ -201,6 +203,7 @@ def attribute_heads(
     batch_size: int = 16,
     heads_per_run: int | None = None,
     layers: list[int] | None = None,
+    heads: Sequence[tuple[int, int]] | None = None,
     nodes: str = "z",
     seed: int = 0,
     progress: bool = True,
@@ -218,6 +221,8 @@ def attribute_heads(
             default all heads of a layer.
         layers: score only these layers (default all); exact patching then runs only there (how
             :func:`~mechkit.heads.distributed.attribute_heads_distributed` shards it).
+        heads: exact patching / ablation of only these ``(layer, head)`` pairs; the others are NaN
+            (e.g. the top heads of a cheaper method, where patching every head would take hours).
         nodes: ``"z"`` (each head's output, default) or ``"qkv"``: each head split into query,
             key and value nodes (:mod:`mechkit.heads.qkv_nodes`; methods patching, atp, atp*, where
             AtP* adds the QK fix), returned with a third axis ``node``.
@@ -246,12 +251,22 @@ def attribute_heads(
     bad = [l for l in layer_list if not 0 <= l < cfg.n_layers]
     if bad or not layer_list:
         raise MechkitError(f"layers {bad or layer_list} out of range: the model has {cfg.n_layers} layers")
+    if heads is not None:
+        if method not in ("patching", "mean_ablation", "zero_ablation") or nodes != "z":
+            raise MechkitError(f"heads= selects heads for exact patching or ablation, not for {method!r}")
+        heads = check_heads(model, heads)
+        outside = [h for h in heads if h[0] not in layer_list]
+        if outside:
+            raise MechkitError(f"heads {outside[:5]} lie outside layers={layer_list}")
+    head_lists = {layer: sorted(h for l, h in heads if l == layer) if heads is not None else list(range(cfg.n_heads))
+                  for layer in layer_list}
+    head_lists = {layer: chosen for layer, chosen in head_lists.items() if chosen}
     tok = tokenise_task(model, task)
     heads_per_run = heads_per_run or cfg.n_heads
     started = time.perf_counter()
     corrupt = _Corruption(model, tok, corruption, batch_size) if method != "dla" and nodes == "z" else None
     per_example = torch.zeros(cfg.n_layers, cfg.n_heads, *((3,) if nodes == "qkv" else ()), len(tok.kept))
-    work = len(tok.kept) * (len(layer_list) * cfg.n_heads if method in ("patching", "mean_ablation", "zero_ablation")
+    work = len(tok.kept) * (sum(map(len, head_lists.values())) if method in ("patching", "mean_ablation", "zero_ablation")
                             else cfg.n_layers if method == "atp*" else 1)
     bar = tqdm(total=work, desc=f"{method} on {task.name}", unit="run", disable=not progress)
     for batch in task_batches(tok, batch_size):
@@ -266,7 +281,7 @@ def attribute_heads(
             with torch.no_grad():
                 clean_metric = metric(batch, run_to_logits(model, batch.clean, metric_positions(batch)))
             scores = _patching(model, batch, clean_z, corrupt(batch, clean_z), clean_metric, heads_per_run, bar,
-                               layer_list)
+                               head_lists)
         else:
             corrupt_z = corrupt(batch, clean_z)
             if method == "atp":
@@ -282,10 +297,16 @@ def attribute_heads(
     bar.close()
     per_example = per_example[layer_list]
     values = per_example.abs().mean(-1) if (magnitude or method == "atp*") else per_example.mean(-1)
+    if heads is not None:
+        chosen = torch.zeros(cfg.n_layers, cfg.n_heads, dtype=torch.bool)
+        for layer, head in heads:
+            chosen[layer, head] = True
+        values = torch.where(chosen[layer_list], values, torch.full_like(values, float("nan")))
     baseline = task_metric(model, task, batch_size=batch_size, seed=seed)
     baseline.pop("per_example")
     settings = dict(method=method, corruption=None if method == "dla" else corruption,
-                    magnitude=bool(magnitude or method == "atp*"), layers=layer_list, nodes=nodes)
+                    magnitude=bool(magnitude or method == "atp*"), layers=layer_list, nodes=nodes,
+                    **({"heads": [list(h) for h in heads]} if heads is not None else {}))
     provenance = Provenance.for_model(model, data={"task": task.name, "clean": list(task.clean)}, seed=seed, **settings)
     return LabelledArray(
         values.numpy().astype(np.float32), ("layer", "head") + (("node",) if nodes == "qkv" else ()),
