@@ -112,13 +112,15 @@ def make_abliterated(base: str, direction_file: str | None = None, *, progress: 
     Without a file the direction is the refusal direction found on the model's own
     harmful-vs-harmless set and chosen by the causal criterion (see
     :func:`~mechkit.directions.selection.refusal_direction`); the choice is kept in the saved
-    model's ``mechkit.json`` and the direction in ``direction.npz`` beside the weights.
+    model's ``mechkit.json``, the direction in ``direction.npz`` and every candidate's scores in
+    ``selection.npz`` beside the weights.
     """
     from mechkit.directions.selection import refusal_direction
     from mechkit.models.loading import load_model
 
     model = load_model(base)
     name = f"{base}+{SUFFIX}" + (f":{direction_file}" if direction_file else "")
+    found = None
     if direction_file:
         direction, choice = load_direction(direction_file, model), {"file": str(Path(direction_file).resolve())}
     else:
@@ -128,6 +130,8 @@ def make_abliterated(base: str, direction_file: str | None = None, *, progress: 
     folder = save_edited(edited, name, kind=SUFFIX, base=base, direction=choice,
                          description=f"{base} with its refusal direction orthogonalised out of every residual write")
     save_direction(folder / "direction.npz", direction, model, **choice)
+    if found is not None:  # every candidate's bypass / induce / KL / AUC, for the record
+        found.scores.save(folder / "selection.npz")
     return folder
 
 

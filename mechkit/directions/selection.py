@@ -15,8 +15,9 @@ al. skip the last 20%, whose directions act on the unembedding directly), its KL
 with the lowest bypass score wins. Departure from the paper: Arditi et al. require the induce
 score to be positive (a refusal made likely); models of 135M-270M parameters barely refuse, so
 mechkit requires an increase over the unmodified score and, when no candidate shows one, drops
-that filter and says so in ``criterion``. With no candidate under the KL bound the held-out AUC
-decides, also said in ``criterion``.
+that filter and says so in ``criterion``. With no candidate under the KL bound (Gemma-3-270M,
+whose mean differences are dominated by its few massive residual dimensions), the least damaging
+candidate (lowest KL) among those whose ablation lowers the metric wins, also said in ``criterion``.
 """
 
 from __future__ import annotations
@@ -113,10 +114,12 @@ def select_direction(model, directions: DirectionSet, positive: Sequence[str | P
         criterion = "causal, induce filter dropped (no candidate raised the metric when added): lowest bypass with KL < {kl_max}"
     if eligible.any():
         li, pi = np.unravel_index(np.where(eligible, bypass, np.inf).argmin(), bypass.shape)
-    else:
-        criterion = "held-out AUC (no candidate kept KL below {kl_max})"
-        li, pi = np.unravel_index(np.where(in_depth, directions.auc.values, -np.inf).argmax(), bypass.shape)
-        eligible = np.zeros_like(eligible)
+    else:  # every ablation costs more than kl_max: take the least damaging one that still lowers the metric
+        lowers = in_depth & (bypass < baseline["positive"])
+        pool = lowers if lowers.any() else in_depth
+        li, pi = np.unravel_index(np.where(pool, kl, np.inf).argmin(), bypass.shape)
+        criterion = ("lowest KL (no candidate kept KL below {kl_max})"
+                     + (" among those whose ablation lowers the metric" if lowers.any() else ""))
     scores[..., MEASURES.index("eligible")] = eligible
     result = LabelledArray(scores, ("layer", "position", "measure"),
                            {"layer": list(layers), "position": list(positions), "measure": list(MEASURES)},
