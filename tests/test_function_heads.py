@@ -161,3 +161,28 @@ def test_removing_the_planted_head_takes_the_function_away():
     assert logprob["remove random"] > logprob["base"] - 0.5  # ... removing one random head does not
     assert logprob["augment x1.5"] > logprob["base"] and accuracy["augment x4"] >= 0.9 > accuracy["remove own"]
     assert np.isnan(table.sel(function="inference").values).all()  # no items of that function here
+
+
+def test_probe_vs_cause_agrees_where_the_probe_is_the_cause():
+    from test_head_attribution import PLANTED, planted_model
+
+    from mechkit.heads.attribution import attribute_heads
+    from mechkit.heads.function_interventions import as_task
+    from mechkit.heads.function_vs_cause import probe_vs_cause
+    from mechkit.results import LabelledArray
+
+    planted = planted_model("llama")
+    items = _copy_items()
+    atp = attribute_heads(planted, as_task("retrieval", items), "atp", corruption="mean", progress=False).values
+    importance = np.zeros((8, 3, 4))
+    importance[FUNCTIONS.index("retrieval")] = np.abs(atp)  # a "probe" that reads exactly the causal map
+    result = FunctionHeads(LabelledArray(importance, ("function", "layer", "head")),
+                           LabelledArray(np.zeros(8), ("function",)), {}, {}, np.arange(len(items)))
+    table, maps = probe_vs_cause(planted, result, items, patch_top=2, patch_random=2, progress=False)
+    row = dict(zip(table.labels["measure"], table.sel(function="retrieval").values))
+    assert row["spearman_atp"] == pytest.approx(1.0) and row["top10_overlap_atp"] == 1.0
+    assert row["n_patched"] == 4 and np.isfinite(row["spearman_patching"])
+    patched = maps["patching"].sel(function="retrieval").values
+    assert np.isfinite(patched).sum() == 4  # only the chosen heads are patched
+    assert np.unravel_index(np.nanargmax(np.abs(patched)), patched.shape) == PLANTED
+    assert np.isnan(table.sel(function="inference", measure="spearman_atp").values)  # no items
