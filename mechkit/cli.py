@@ -403,6 +403,86 @@ def _cmd_attribute_components(args: argparse.Namespace) -> int:
     return 0
 
 
+def _function_table(table, removed: dict) -> list[str]:
+    """The intervention table as text: changes from base, random spread, floor marks."""
+    import numpy as np
+
+    lines = [f"  {'function':<24} {'n heads':>7} {'base acc':>8} {'own':>7} {'random (sd)':>13} {'other':>7} "
+             + " ".join(f"{c.split()[-1]:>7}" for c in table.labels["condition"][4:]) + "   (accuracy change)"]
+    std = np.asarray(table.attrs["random_std"])
+    for f, name in enumerate(table.labels["function"]):
+        acc = table.values[f, :, 0]
+        if np.isnan(acc[0]):
+            continue
+        delta = acc - acc[0]
+        floor = "  at floor" if name in table.attrs["at_floor"] else ""
+        lines.append(f"  {name:<24} {removed.get(name, 0):>7} {acc[0]:>8.2f} {delta[1]:>+7.2f} "
+                     f"{delta[2]:>+7.2f} ({std[f, 0]:.2f}) {delta[3]:>+7.2f} "
+                     + " ".join(f"{d:>+7.2f}" for d in delta[4:]) + floor)
+    return lines
+
+
+def _cmd_function_heads(args: argparse.Namespace) -> int:
+    import matplotlib.pyplot as plt
+
+    from mechkit.data.function_chains import function_dataset, load_function_chains
+    from mechkit.heads.function_heads import function_heads
+    from mechkit.heads.function_interventions import intervention_table
+    from mechkit.heads.function_vs_cause import probe_vs_cause
+    from mechkit.models import load_model
+    from mechkit.viz import save, task_grid_figure
+
+    out = Path(args.out)
+    if args.dataset == "builtin":
+        subquestions = function_dataset(per_function=args.per_function, seed=args.seed)
+    else:
+        subquestions = load_function_chains(args.dataset)
+    summary: dict = {"family": args.family, "answer": args.answer, "models": {}}
+    for name in args.model:
+        model = load_model(name)
+        model_name = _model_name(model)
+        folder = out / _slug(model_name)
+        result = function_heads(model, subquestions, family=args.family, answer=args.answer, seed=args.seed,
+                                null_seeds=args.null_seeds, select=args.select if args.select == "elbow" else int(args.select),
+                                progress=not args.quiet)
+        result.save(folder)
+        normalised = result.normalised
+        panels = {}
+        for function in normalised.labels["function"]:
+            panel = normalised.sel(function=function)
+            panel.attrs = {"method": f"{args.family} probe importance share", "magnitude": True}
+            panels[function] = panel
+        figure = task_grid_figure(panels, title=f"{model_name}: function heads ({args.family} probe, grad x activation)")
+        paths = save(figure, folder / "function_heads")
+        plt.close(figure)
+        table = intervention_table(model, result, random_draws=args.random_draws, progress=not args.quiet)
+        table.save(folder / "interventions.npz")
+        rows = {"scores": result.scores, "selected": {f: [list(h) for h in heads] for f, heads in result.selected.items()},
+                "null": dict(zip(result.null.labels["function"], result.null.values.tolist()))}
+        print(f"{model_name}: head probe accuracy {result.scores['head_probe']['accuracy']:.3f}, macro-F1 "
+              f"{result.scores['head_probe']['macro_f1']:.3f} (majority {result.scores['head_probe']['majority_baseline']:.3f}"
+              + "".join(f"; {k.removeprefix('residual_probe_')} residual {v['accuracy']:.3f}"
+                        for k, v in result.scores.items() if k.startswith("residual_probe_")) + ")")
+        print("\n".join(_function_table(table, {f: len(h) for f, h in result.selected.items()})))
+        if not args.no_cause:
+            agreement, maps = probe_vs_cause(model, result, patch_top=args.patch_top, patch_random=args.patch_random,
+                                             progress=not args.quiet)
+            agreement.save(folder / "probe_vs_cause.npz")
+            for kind, values in maps.items():
+                values.save(folder / f"cause_{kind}.npz")
+            rows["probe_vs_cause"] = {f: dict(zip(agreement.labels["measure"], agreement.values[i].tolist()))
+                                      for i, f in enumerate(agreement.labels["function"])}
+            print(f"  {'function':<24} {'Spearman AtP':>12} {'Spearman patching':>17} {'top-10 overlap':>14}")
+            for f, row in rows["probe_vs_cause"].items():
+                print(f"  {f:<24} {row['spearman_atp']:>12.2f} {row['spearman_patching']:>17.2f} "
+                      f"{row['top10_overlap_atp']:>14.1f}")
+        summary["models"][model_name] = rows
+        print(f"  wrote {folder} ({', '.join(p.name for p in paths)}, interventions.npz)")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary_function_heads.json").write_text(json.dumps(summary, indent=2, default=float))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mechkit", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -475,6 +555,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(run=_cmd_attribute_heads)
+
+    p = sub.add_parser("function-heads",
+                       help="heads specific to cognitive functions, from one probe over all heads, with interventions")
+    p.add_argument("--model", action="append", required=True, help="model name or path (repeatable)")
+    p.add_argument("--dataset", default="builtin", help="'builtin' or a .jsonl chain file")
+    p.add_argument("--family", choices=["logistic", "mlp"], default="logistic")
+    p.add_argument("--answer", choices=["greedy", "gold", "last_prompt"], default="greedy",
+                   help="tokens the head outputs are averaged over")
+    p.add_argument("--per-function", type=int, default=None, help="sub-questions per function (default all)")
+    p.add_argument("--select", default="elbow", help="'elbow' or a number of heads per function")
+    p.add_argument("--null-seeds", type=int, default=3, help="permutation-null repeats")
+    p.add_argument("--random-draws", type=int, default=5, help="random head sets per function in the table")
+    p.add_argument("--patch-top", type=int, default=30, help="probe vs cause: exact patching of AtP's top N heads")
+    p.add_argument("--patch-random", type=int, default=30, help="... plus N random heads")
+    p.add_argument("--no-cause", action="store_true", help="skip the probe-versus-cause comparison")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(run=_cmd_function_heads)
 
     p = sub.add_parser("attribute-components",
                        help="each layer's q/k/v/o/up/gate/down share of a task's effect, or a checkpoint diff")

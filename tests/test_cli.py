@@ -176,3 +176,29 @@ def test_attribute_components_saves_each_task_the_mean_and_a_checkpoint_diff(tmp
     assert diff.attrs["method"] == "checkpoint_diff" and np.isfinite(diff.values).all() and (diff.values > 0).all()
     assert diff_file.with_suffix(".png").exists()
     assert main(["attribute-components", "--model", str(tiny_folder), "--out", str(out)]) == 2  # no task, no compare
+
+
+def test_function_heads_writes_result_figure_and_tables(tmp_path, tiny_folder, capsys):
+    from mechkit.data.function_chains import FUNCTIONS
+
+    chains = tmp_path / "chains.jsonl"
+    chains.write_text("\n".join(json.dumps({"id": f"{f}{i}", "steps": [
+        {"question": f"w{i} w{i + 1} {f}?", "answer": f"w{(i * 3) % 40}", "function": f}]})
+        for f in FUNCTIONS for i in range(6)) + "\n")
+    out = tmp_path / "fh"
+    assert main(["function-heads", "--model", str(tiny_folder), "--dataset", str(chains), "--answer", "gold",
+                 "--null-seeds", "1", "--random-draws", "2", "--patch-top", "2", "--patch-random", "1",
+                 "--out", str(out), "--quiet"]) == 0
+    folder = next(p for p in out.iterdir() if p.is_dir())
+    for name in ("importance.npz", "null.npz", "function_heads.png", "function_heads.svg", "interventions.npz",
+                 "probe_vs_cause.npz", "cause_atp.npz", "cause_patching.npz"):
+        assert (folder / name).exists(), name
+    summary = json.loads((out / "summary_function_heads.json").read_text())
+    (model_summary,) = summary["models"].values()
+    assert set(model_summary["selected"]) == set(FUNCTIONS)
+    printed = capsys.readouterr().out
+    assert "head probe accuracy" in printed and "Spearman AtP" in printed
+    with pytest.raises(SystemExit):  # argparse refuses an unknown probe family
+        main(["function-heads", "--model", str(tiny_folder), "--family", "forest", "--out", str(out)])
+    assert main(["function-heads", "--model", str(tiny_folder), "--dataset", str(tmp_path / "none.jsonl"),
+                 "--out", str(out)]) == 2

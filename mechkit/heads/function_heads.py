@@ -31,7 +31,6 @@ import torch
 from mechkit.data.function_chains import FUNCTIONS, SubQuestion, function_dataset, load_function_chains
 from mechkit.errors import MechkitError
 from mechkit.heads.function_features import HeadFeatures, head_features
-from mechkit.probing.evaluate import group_splits
 from mechkit.probing.multiclass import evaluate_multiclass, fit_head_probe, head_importance
 from mechkit.results import LabelledArray, Provenance
 
@@ -119,16 +118,29 @@ def _subquestions(dataset) -> list[SubQuestion]:
 
 
 def _split(feats: HeadFeatures, test_size: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    groups = [sq.chain_id or f"example{i}" for i, sq in enumerate(feats.subquestions)]
+    """Train and test indices with whole chains (or seed templates) on one side, every function on both.
+
+    Chains are drawn in a seeded order until the test side holds ``test_size`` of the sub-questions;
+    a draw that leaves a function without 2 training or 1 test sub-questions is redrawn (50 tries).
+    """
+    if not 0 < test_size < 1:
+        raise MechkitError(f"test_size must lie in (0, 1), got {test_size}")
+    groups = np.array([sq.chain_id or f"example{i}" for i, sq in enumerate(feats.subquestions)])
     labels = feats.labels
-    train, test = group_splits(len(labels), groups, (labels > 0).astype(int), folds=None, test_size=test_size,
-                               seed=seed)[0]
-    for f, name in enumerate(FUNCTIONS):
-        n_train, n_test = int((labels[train] == f).sum()), int((labels[test] == f).sum())
-        if n_train < 2 or n_test < 1:
-            raise MechkitError(f"function {name!r} has {n_train} training and {n_test} held-out sub-questions; each "
-                               "function needs at least 2 and 1: give more sub-questions of it")
-    return train, test
+    unique = np.unique(groups)
+    for attempt in range(50):
+        order = np.random.default_rng([seed, attempt]).permutation(unique)
+        sizes = np.array([(groups == g).sum() for g in order])
+        n_groups = int(np.searchsorted(np.cumsum(sizes), test_size * len(labels))) + 1
+        test_mask = np.isin(groups, order[:n_groups])
+        train, test = np.flatnonzero(~test_mask), np.flatnonzero(test_mask)
+        counts = [(int((labels[train] == f).sum()), int((labels[test] == f).sum())) for f in range(len(FUNCTIONS))]
+        if all(n_train >= 2 and n_test >= 1 for n_train, n_test in counts):
+            return train, test
+    short = [f"{FUNCTIONS[f]!r} ({n_train} train, {n_test} test)" for f, (n_train, n_test) in enumerate(counts)
+             if n_train < 2 or n_test < 1]
+    raise MechkitError(f"no split by chain gives every function 2 training and 1 held-out sub-questions: "
+                       f"{', '.join(short)}; each function needs at least 2 and 1: give more sub-questions of it")
 
 
 def function_heads(model, dataset: Sequence[SubQuestion] | str | None = None, *, family: str = "logistic",
