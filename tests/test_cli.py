@@ -202,3 +202,13 @@ def test_function_heads_writes_result_figure_and_tables(tmp_path, tiny_folder, c
         main(["function-heads", "--model", str(tiny_folder), "--family", "forest", "--out", str(out)])
     assert main(["function-heads", "--model", str(tiny_folder), "--dataset", str(tmp_path / "none.jsonl"),
                  "--out", str(out)]) == 2
+
+
+def test_builtin_safety_datasets_by_name():
+    from mechkit.cli import _dataset
+
+    by_request, by_template = _dataset("jailbreak"), _dataset("jailbreak_by_template")
+    assert len(by_request) == len(by_template) and by_request.class_counts()[0] == by_request.class_counts()[1]
+    assert set(by_template.groups) == set(by_template.attrs["family"])  # whole template families held out
+    assert set(by_request.groups) == set(by_request.attrs["request"])  # no request on both sides
+    assert _dataset("harmful_vs_harmless").name == "harmful_vs_harmless"
