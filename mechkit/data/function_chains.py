@@ -50,6 +50,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+from mechkit.data.jsonl import read_jsonl
 from mechkit.data.tasks import TASK_NAMES
 from mechkit.errors import MechkitError
 
@@ -137,26 +138,6 @@ OPS: dict[str, tuple[tuple[str, ...], Callable]] = {
 }
 
 
-def _lines(path: Path, what: str) -> list[tuple[int, dict]]:
-    """(line number, JSON object) for the non-blank lines of ``path``."""
-    if not path.exists():
-        raise MechkitError(f"{what} file {path} does not exist")
-    rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise MechkitError(f"{path}:{number}: not valid JSON ({error.msg})") from None
-        if not isinstance(row, dict):
-            raise MechkitError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
-        rows.append((number, row))
-    if not rows:
-        raise MechkitError(f"{what} file {path} holds nothing; write one JSON object a line")
-    return rows
-
-
 def _check_function(where: str, function) -> None:
     if function not in FUNCTIONS:
         raise MechkitError(f"{where}: unknown function {function!r}; use one of {list(FUNCTIONS)}")
@@ -166,7 +147,7 @@ def _read_chains(path: Path) -> list[SubQuestion]:
     """The steps of every chain in ``path`` as sub-questions, chain by chain."""
     subquestions = []
     seen: dict[str, int] = {}
-    for number, row in _lines(path, "chain"):
+    for number, row in read_jsonl(path, "chain"):
         where = f"{path}:{number}"
         missing = [key for key in CHAIN_FIELDS if key not in row]
         if missing:
@@ -299,7 +280,7 @@ def load_seeds(path: str | os.PathLike | None = None,
     fill_lists = _read_fills(fills_path) if fills is not None or fills_path.exists() else {}
     seen: dict[tuple[str, str], int] = {}
     seeds = []
-    for number, seed in _lines(path, "seed"):
+    for number, seed in read_jsonl(path, "seed"):
         where = f"{path}:{number}"
         expanded = _expand(seed, fill_lists, where, f"seed{number:03d}")
         for q in expanded:

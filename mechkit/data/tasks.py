@@ -19,7 +19,6 @@ The eight built-in tasks (:data:`TASK_NAMES`) follow the task families of Ma et 
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +27,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
+from mechkit.data.jsonl import read_jsonl
 from mechkit.data.prompts import Prompt, encode
 from mechkit.errors import MechkitError
 
@@ -67,16 +67,8 @@ class Task:
     def from_file(cls, path: str | os.PathLike, name: str | None = None) -> Task:
         """Read a JSONL task file (see the module doc); errors name the line and the missing field."""
         path = Path(path)
-        if not path.exists():
-            raise MechkitError(f"task file {path} does not exist")
         rows = []
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise MechkitError(f"{path}:{number}: not valid JSON ({error.msg})") from None
+        for number, row in read_jsonl(path, "task"):
             missing = [key for key in REQUIRED if not isinstance(row.get(key), str) or not row[key]]
             if missing:
                 raise MechkitError(f"{path}:{number}: missing field(s) {missing}; every line needs "
@@ -84,8 +76,6 @@ class Task:
             if any(key in row for key in PAIRED) and not all(isinstance(row.get(key), str) for key in PAIRED):
                 raise MechkitError(f"{path}:{number}: give both {list(PAIRED)} or neither")
             rows.append(row)
-        if not rows:
-            raise MechkitError(f"task file {path} holds no examples")
         paired = ["corrupted" in row for row in rows]
         if any(paired) and not all(paired):
             raise MechkitError(f"{path}: some lines have a corrupted twin and some do not; a task is one or the other")
