@@ -186,3 +186,11 @@ def test_probe_vs_cause_agrees_where_the_probe_is_the_cause():
     assert np.isfinite(patched).sum() == 4  # only the chosen heads are patched
     assert np.unravel_index(np.nanargmax(np.abs(patched)), patched.shape) == PLANTED
     assert np.isnan(table.sel(function="inference", measure="spearman_atp").values)  # no items
+
+
+def test_answer_variants_count_case():
+    from mechkit.heads.function_interventions import answer_variants
+
+    assert answer_variants(SubQuestion("Is ice cold?", "yes", "inference")) == [" yes", " Yes"]
+    assert answer_variants(SubQuestion("Capital of France?", "Paris", "knowledge_recall")) == [" Paris", " paris"]
+    assert answer_variants(SubQuestion("2 plus 3?", "5", "math_calculation")) == [" 5"]

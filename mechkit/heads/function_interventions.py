@@ -2,7 +2,9 @@
 
 Per function, on its held-out sub-questions, teacher-forced: **accuracy** (greedy decoding would
 produce the gold answer: the argmax at every gold answer token is that token, which is exactly
-"the greedy answer starts with the gold answer") and the **gold-answer log-probability**. Under:
+"the greedy answer starts with the gold answer"; the answer as given, capitalised or in lower case
+all count, since a model writes " Yes" where the gold says "yes") and the **gold-answer
+log-probability** (summed over those case variants). Under:
 
 * ``base``: the unmodified model;
 * ``remove own``: the function's selected heads scaled by 0 (or mean-ablated);
@@ -39,22 +41,37 @@ def as_task(name: str, subquestions: Sequence[SubQuestion]) -> Task:
     return Task(name, tuple(sq.prompt for sq in subquestions), tuple(sq.target for sq in subquestions))
 
 
+def answer_variants(sq: SubQuestion) -> list[str]:
+    """The gold answer as the model may write it: as given, capitalised, lower case (distinct ones)."""
+    answer = sq.answer
+    return list(dict.fromkeys(" " + a for a in (answer, answer[:1].upper() + answer[1:], answer.lower())))
+
+
 @torch.no_grad()
 def gold_answer_scores(model, subquestions: Sequence[SubQuestion], *, batch_size: int = 16
                        ) -> tuple[np.ndarray, np.ndarray]:
-    """Per sub-question: gold-answer log-probability and whether greedy decoding reproduces it."""
+    """Per sub-question: log-probability of the gold answer (summed over its case variants, see
+    :func:`answer_variants`) and whether greedy decoding reproduces one of them."""
     if not subquestions:
         raise MechkitError("no sub-questions to score")
-    tok = tokenise_task(model, as_task("gold", subquestions))
-    logprob = np.full(len(subquestions), np.nan)
-    correct = np.zeros(len(subquestions), dtype=bool)
+    owner = [i for i, sq in enumerate(subquestions) for _ in answer_variants(sq)]
+    task = Task("gold", tuple(subquestions[i].prompt for i in owner),
+                tuple(v for sq in subquestions for v in answer_variants(sq)))
+    tok = tokenise_task(model, task)
+    variant_logprob = np.full(len(owner), -np.inf)
+    variant_correct = np.zeros(len(owner), dtype=bool)
     for batch in task_batches(tok, batch_size):
         logits = run_to_logits(model, batch.clean, metric_positions(batch)).float()
         targets = batch.clean[:, -batch.answer_length:].to(logits.device)
         where = [tok.kept[i] for i in batch.index]
-        logprob[where] = logits.log_softmax(-1).gather(2, targets[..., None])[..., 0].sum(-1).cpu().numpy()
-        correct[where] = (logits.argmax(-1) == targets).all(-1).cpu().numpy()
-    return logprob, correct
+        variant_logprob[where] = logits.log_softmax(-1).gather(2, targets[..., None])[..., 0].sum(-1).cpu().numpy()
+        variant_correct[where] = (logits.argmax(-1) == targets).all(-1).cpu().numpy()
+    logprob = np.full(len(subquestions), -np.inf)
+    correct = np.zeros(len(subquestions), dtype=bool)
+    for v, i in enumerate(owner):
+        logprob[i] = np.logaddexp(logprob[i], variant_logprob[v])
+        correct[i] |= variant_correct[v]
+    return np.where(np.isfinite(logprob), logprob, np.nan), correct
 
 
 def head_means(model, subquestions: Sequence[SubQuestion], heads: Sequence[Head], *, batch_size: int = 16
@@ -133,4 +150,4 @@ def intervention_table(model, result: FunctionHeads, subquestions: Sequence[SubQ
                                 "n_items": {n: sum(sq.function == n for sq in subquestions) for n in FUNCTIONS}})
 
 
-__all__ = ["MEASURES", "as_task", "gold_answer_scores", "head_means", "intervention_table"]
+__all__ = ["MEASURES", "answer_variants", "as_task", "gold_answer_scores", "head_means", "intervention_table"]
