@@ -194,3 +194,11 @@ def test_answer_variants_count_case():
     assert answer_variants(SubQuestion("Is ice cold?", "yes", "inference")) == [" yes", " Yes"]
     assert answer_variants(SubQuestion("Capital of France?", "Paris", "knowledge_recall")) == [" Paris", " paris"]
     assert answer_variants(SubQuestion("2 plus 3?", "5", "math_calculation")) == [" 5"]
+
+
+def test_saved_result_keeps_its_held_out_subquestions(model, tmp_path):
+    features, _ = planted_features(model, per_function=12)
+    result = function_heads(model, features=features, select=2, null_seeds=1, progress=False)
+    loaded = FunctionHeads.load(result.save(tmp_path / "fh"))
+    assert loaded.test_subquestions() == result.test_subquestions()
+    assert loaded.selected == result.selected and loaded.importance == result.importance

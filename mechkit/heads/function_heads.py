@@ -19,6 +19,7 @@ point farthest below the chord from the largest to the smallest), or the top ``k
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Sequence
@@ -63,9 +64,14 @@ class FunctionHeads:
         """(function, layer, head) mask: |importance| above the permutation null's level."""
         return np.abs(self.importance.values) > self.null.values[:, None, None]
 
+    held_out: list[SubQuestion] | None = None
+
     def test_subquestions(self) -> list[SubQuestion]:
+        """The held-out sub-questions the importances were read on (kept when saved)."""
+        if self.held_out is not None:
+            return list(self.held_out)
         if self.features is None:
-            raise MechkitError("this result was loaded without its features; run function_heads again")
+            raise MechkitError("this result has neither its held-out sub-questions nor its features")
         return [self.features.subquestions[i] for i in self.test_index]
 
     def save(self, folder: str | os.PathLike) -> Path:
@@ -75,7 +81,8 @@ class FunctionHeads:
         self.null.save(folder / "null.npz")
         (folder / "function_heads.json").write_text(json.dumps(
             {"selected": {f: [list(h) for h in heads] for f, heads in self.selected.items()},
-             "scores": self.scores, "test_index": self.test_index.tolist()}, indent=2, default=float))
+             "scores": self.scores, "test_index": self.test_index.tolist(),
+             "held_out": [dataclasses.asdict(sq) for sq in self.test_subquestions()]}, indent=2, default=float))
         return folder
 
     @classmethod
@@ -84,7 +91,9 @@ class FunctionHeads:
         meta = json.loads((folder / "function_heads.json").read_text())
         return cls(LabelledArray.load(folder / "importance.npz"), LabelledArray.load(folder / "null.npz"),
                    {f: [tuple(h) for h in heads] for f, heads in meta["selected"].items()}, meta["scores"],
-                   np.array(meta["test_index"]))
+                   np.array(meta["test_index"]),
+                   held_out=[SubQuestion(**{**sq, "context": tuple(map(tuple, sq["context"]))})
+                             for sq in meta.get("held_out", [])] or None)
 
 
 def elbow(values: np.ndarray) -> int:
