@@ -33,7 +33,7 @@ _ENTRY_POINTS = {
     "attribute_heads_distributed": "mechkit.heads.distributed",
     "find_direction": "mechkit.directions", "steer": "mechkit.directions", "ablate_direction": "mechkit.directions",
     "orthogonalize": "mechkit.directions", "select_direction": "mechkit.directions",
-    "refusal_direction": "mechkit.directions",
+    "refusal_direction": "mechkit.directions", "function_heads": "mechkit.heads.function_heads",
 }
 
 
@@ -84,5 +84,5 @@ __all__ = [
     "Prompt", "Relation", "__version__", "classify_heads", "classify_heads_distributed", "collect_activations",
     "list_models", "load_model", "probe_layers", "probe_positions", "scale_heads", "Task", "attribute_heads",
     "attribute_components", "checkpoint_diff", "attribute_heads_distributed", "find_direction", "steer",
-    "ablate_direction", "orthogonalize", "select_direction", "refusal_direction",
+    "ablate_direction", "orthogonalize", "select_direction", "refusal_direction", "function_heads",
 ]
