@@ -450,7 +450,8 @@ def _cmd_function_heads(args: argparse.Namespace) -> int:
         panels = {}
         for function in normalised.labels["function"]:
             panel = normalised.sel(function=function)
-            panel.attrs = {"method": f"{args.family} probe importance share", "magnitude": True}
+            panel.attrs = {"method": f"{args.family} probe importance share", "magnitude": True,
+                           "colorbar_label": "share of |grad x activation| per function\n(probe importance, sums to 1)"}
             panels[function] = panel
         figure = task_grid_figure(panels, title=f"{model_name}: function heads ({args.family} probe, grad x activation)")
         paths = save(figure, folder / "function_heads")

@@ -220,3 +220,16 @@ def test_checkpoint_diff_is_labelled_as_relative_change():
 def test_component_figure_text_never_overlaps(n_layers):
     fig = component_share_figure(shares(gpt2_shares(n_layers)))
     assert overlapping_text(fig) == []
+
+
+def test_task_grid_colour_bar_can_be_named_by_the_result():
+    import numpy as np
+
+    from mechkit.results import LabelledArray
+    from mechkit.viz import task_grid_figure
+
+    panel = LabelledArray(np.random.default_rng(0).random((3, 4)), ("layer", "head"),
+                          attrs={"method": "probe", "magnitude": True, "colorbar_label": "share of |grad x activation|"})
+    figure = task_grid_figure({"a": panel, "b": panel})
+    labels = [ax.get_ylabel() for ax in figure.axes]
+    assert "share of |grad x activation|" in labels

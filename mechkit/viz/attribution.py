@@ -96,6 +96,9 @@ def task_grid_figure(results: Mapping[str, LabelledArray], *, title: str | None 
     :func:`is_at_chance`) is drawn in greys, faded, with the clean metric and its interval
     written on it, rather than in colour as if it meant something.
 
+    A result whose ``attrs["colorbar_label"]`` is set (e.g. probe importances, which are not effects
+    on a metric) names the colour bar itself.
+
     Results with query/key/value nodes (``attribute_heads(..., nodes="qkv")``, a third axis
     ``node``) are drawn one kind of node at a time: pass ``node="q"``, ``"k"`` or ``"v"``.
     """
@@ -162,7 +165,8 @@ def task_grid_figure(results: Mapping[str, LabelledArray], *, title: str | None 
     units = [METRIC_UNITS.get((a.attrs.get("baseline") or {}).get("metric", "logit_diff"), "the metric") for a in arrays]
     unit = " / ".join(dict.fromkeys(units))
     what = f"{NODE_NAMES.get(str(node), node)} nodes' " if node is not None else ""
-    bar.set_label(f"{_method_name(method)}: {what}{'|effect|' if magnitude else 'effect'}\non {unit}")
+    label = arrays[0].attrs.get("colorbar_label")  # results that are not effects on a metric name themselves
+    bar.set_label(label or f"{_method_name(method)}: {what}{'|effect|' if magnitude else 'effect'}\non {unit}")
     if title is None:
         model = arrays[0].provenance.model
         title = (f"{_method_name(method)} head attribution per task" + (f", {NODE_NAMES.get(str(node), node)} nodes" if node else "")
