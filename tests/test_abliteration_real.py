@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from mechkit.activations import Prompt, collect_activations
@@ -49,3 +50,36 @@ def test_orthogonalised_gemma_keeps_the_direction_out_of_every_write(gemma):
     # not zero: the edit acts before each post-norm, the hook after it (docs/directions.md reports it for the
     # refusal direction); this direction, dominated by Gemma's two massive residual dimensions, breaks both
     assert kl == kl and kl > -1e-6
+
+
+def _statements(n: int = 24):
+    from mechkit.data.probing_sets import true_false
+
+    data = true_false(per_relation=4)
+    true = [p for p, y in zip(data.prompts, data.labels) if y == 1][:n]
+    false = [p for p, y in zip(data.prompts, data.labels) if y == 0][:n]
+    return true, false
+
+
+@pytest.mark.parametrize("name", ["smollm2", "gemma"])
+def test_steering_along_true_minus_false_moves_a_later_reading(name, request):
+    from mechkit.directions import find_direction, steer
+
+    model = request.getfixturevalue(name)
+    true, false = _statements()
+    layer, later = model.cfg.n_layers // 3, model.cfg.n_layers // 3 + 4
+    found = find_direction(model, true, false, layers=[layer, later], progress=False)
+    direction, reading = found.direction(layer), found.direction(later)
+    shift = float(found.shift.sel(layer=layer).values[0])
+    probe_prompts = false[:8]
+    hook = f"blocks.{later}.hook_resid_pre"
+    plain = collect_activations(model, probe_prompts, ["logits"], [-1], progress=False)["logits"]
+    with steer(model, direction, 0.0, layers=[layer]):
+        same = collect_activations(model, probe_prompts, ["logits"], [-1], progress=False)["logits"]
+    assert torch.equal(plain, same)  # alpha = 0 changes nothing, exactly
+    means = []
+    for alpha in (0.0, 1.0, 2.0, 4.0):
+        with steer(model, direction, alpha * shift, layers=[layer]):
+            acts = collect_activations(model, probe_prompts, [hook], [-1], progress=False)[hook][:, 0].float()
+        means.append(float((acts @ reading).mean()))
+    assert all(b > a for a, b in zip(means, means[1:])), means  # the later layer reads "more true"
