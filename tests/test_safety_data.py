@@ -134,7 +134,7 @@ def test_bad_files_are_refused_with_their_line(tmp_path):
     with pytest.raises(MechkitError, match=r"jsonl:2: unknown template family 'flattery'"):
         jailbreak_templates(folder=folder)
     folder = bad_copy(tmp_path, "jailbreak_templates.jsonl", good + "{not json\n")
-    with pytest.raises(MechkitError, match=r"jsonl:2: not JSON"):
+    with pytest.raises(MechkitError, match=r"jsonl:2: not valid JSON"):
         jailbreak(folder=folder)
     folder = bad_copy(tmp_path, "harmless.txt", "".join(f"{r}\n" for _, r in harmful_requests()[:3]))
     with pytest.raises(MechkitError, match="in both harmful.tsv and harmless.txt"):

@@ -34,11 +34,11 @@ Datasets:
 
 from __future__ import annotations
 
-import json
 import os
 import random
 from pathlib import Path
 
+from mechkit.data.jsonl import read_jsonl
 from mechkit.data.probe_dataset import ProbeDataset
 from mechkit.data.prompts import Prompt
 from mechkit.errors import MechkitError
@@ -158,13 +158,7 @@ def jailbreak_templates(*, folder: str | os.PathLike | None = None) -> list[dict
     path = _folder(folder) / "jailbreak_templates.jsonl"
     seen: dict[str, int] = {}
     templates = []
-    for number, line in _read_lines(path):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise MechkitError(f"{path}:{number}: not JSON ({error})") from None
-        if not isinstance(record, dict):
-            raise MechkitError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
+    for number, record in read_jsonl(path, "jailbreak template"):
         if record.get("family") not in FAMILIES:
             raise MechkitError(f"{path}:{number}: unknown template family {record.get('family')!r}; "
                                f"use one of {FAMILIES}")
@@ -173,8 +167,6 @@ def jailbreak_templates(*, folder: str | os.PathLike | None = None) -> list[dict
             raise MechkitError(f"{path}:{number}: {_template_name(record)} {problem}")
         _check_unique(path, number, record["template"], seen)
         templates.append(record)
-    if not templates:
-        raise MechkitError(f"{path}: no templates")
     return templates
 
 
