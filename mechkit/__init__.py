@@ -13,9 +13,9 @@ The entry points, importable from the top level::
 
 __version__ = "0.1.0"
 
-import importlib
 from typing import TYPE_CHECKING
 
+from mechkit._lazy import lazy_getattr
 from mechkit.errors import MechkitError, MemoryBudgetError, ModelNotFoundError
 
 # Entry points are imported on first use, so that ``import mechkit.kernels`` (e.g. on a GPU
@@ -67,12 +67,7 @@ if TYPE_CHECKING:
     from mechkit.heads.attribution import attribute_heads
 
 
-def __getattr__(name: str):
-    if name in _ENTRY_POINTS:
-        value = getattr(importlib.import_module(_ENTRY_POINTS[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'mechkit' has no attribute {name!r}")
+__getattr__ = lazy_getattr("mechkit", globals(), _ENTRY_POINTS)
 
 
 def __dir__() -> list[str]:

@@ -4,7 +4,7 @@ Names are imported on first use, so that the registry (which ``mechkit`` fills a
 does not pull in TransformerLens.
 """
 
-import importlib
+from mechkit._lazy import lazy_getattr
 
 _NAMES = {
     "BUNDLED": "mechkit.models.registry", "DEFAULT_MODEL": "mechkit.models.registry",
@@ -13,12 +13,7 @@ _NAMES = {
 }
 
 
-def __getattr__(name: str):
-    if name in _NAMES:
-        value = getattr(importlib.import_module(_NAMES[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'mechkit.models' has no attribute {name!r}")
+__getattr__ = lazy_getattr("mechkit.models", globals(), _NAMES)
 
 
 __all__ = ["BUNDLED", "DEFAULT_MODEL", "ModelInfo", "list_models", "load_model", "model_info", "register_cached_model"]
