@@ -76,27 +76,23 @@ def orthogonalize(model, direction, *, name: str | None = None):
     if post_norm and getattr(config, "model_type", None) not in POST_NORM_MODEL_TYPES:
         raise MechkitError(f"{config.model_type} normalises each sublayer's output, and mechkit knows the norm's gain "
                            f"only for {POST_NORM_MODEL_TYPES}: use ablate_direction (hooks) for this model")
-    edited, touched = {}, 0
+    edited = dict(weights)  # untouched entries are shared, not copied
     if "lm_head.weight" not in weights:  # tied: the unembedding keeps the unedited embedding
         embed = next(key for key in weights if EMBEDDINGS.search(key) and "wpe" not in key)
         edited["lm_head.weight"] = weights[embed].clone()
+    touched = 0
     for key, W in weights.items():
-        W64 = W.double()
-        if key == "lm_head.weight":
-            edited[key] = W
-            continue
-        if EMBEDDINGS.search(key):
-            edited[key], touched = _out_of_columns(W64, u).to(W.dtype), touched + 1
+        if EMBEDDINGS.search(key) or CONV1D_WRITES.search(key):
+            project, v = _out_of_columns, u
         elif match := LINEAR_WRITES.search(key):
-            v = u
+            project, v = _out_of_rows, u
             if post_norm:  # the write is g * x / rms(x): keep x orthogonal to g * u
                 gain = 1.0 + weights[f"{_layer_prefix(key, match)}.{POST_NORM_OF[match.group(2)]}.weight"].double()
                 v = torch.nn.functional.normalize(gain * u, dim=0)
-            edited[key], touched = _out_of_rows(W64, v).to(W.dtype), touched + 1
-        elif CONV1D_WRITES.search(key):
-            edited[key], touched = _out_of_columns(W64, u).to(W.dtype), touched + 1
         else:
-            edited[key] = W
+            continue
+        edited[key] = project(W.double(), v).to(W.dtype)  # float64 only for the matrices edited
+        touched += 1
     expected = 1 + 2 * model.cfg.n_layers
     if touched < expected:
         raise MechkitError(f"found only {touched} residual-stream writers in {config.model_type} (expected at least "
