@@ -202,3 +202,19 @@ def test_saved_result_keeps_its_held_out_subquestions(model, tmp_path):
     loaded = FunctionHeads.load(result.save(tmp_path / "fh"))
     assert loaded.test_subquestions() == result.test_subquestions()
     assert loaded.selected == result.selected and loaded.importance == result.importance
+
+
+def test_head_means_average_every_token(model):
+    from mechkit.data.tasks import tokenise_task
+    from mechkit.heads.function_interventions import as_task, head_means
+
+    items = function_dataset(per_function=1)[:4]
+    means = head_means(model, items, [(0, 1), (2, 3)])
+    tok = tokenise_task(model, as_task("means", items))
+    zs = {layer: [] for layer in (0, 2)}
+    for ids in tok.clean:
+        _, cache = model.run_with_cache(ids[None], names_filter=lambda n: n.endswith("hook_z"))
+        for layer in zs:
+            zs[layer].append(cache[f"blocks.{layer}.attn.hook_z"][0])
+    torch.testing.assert_close(means[(0, 1)], torch.cat(zs[0])[:, 1].mean(0), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(means[(2, 3)], torch.cat(zs[2])[:, 3].mean(0), atol=1e-5, rtol=1e-5)

@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 from mechkit.data.tasks import Task, as_task, tokenise_task
 from mechkit.errors import MechkitError
 from mechkit.heads import qkv_nodes
+from mechkit.heads.interventions import check_heads
 from mechkit.heads.patching import (
     TaskBatch,
     bootstrap_interval,
@@ -53,7 +54,6 @@ from mechkit.heads.patching import (
     run_to_logits,
     task_batches,
 )
-from mechkit.heads.interventions import check_heads
 from mechkit.heads.weights import BridgeWeights
 from mechkit.results import LabelledArray, Provenance
 
@@ -71,19 +71,24 @@ def _cache_z(model, tokens: Tensor) -> list[Tensor]:
     return [store[_z_name(l)] for l in range(model.cfg.n_layers)]
 
 
+def mean_head_outputs(model, tok, batch_size: int) -> Tensor:
+    """Each head's output ``(layer, head, d_head)`` averaged over every position of every clean example
+    of a tokenised task (what mean-ablation puts in its place)."""
+    sums, count = None, 0
+    for batch in task_batches(tok, batch_size):
+        part = torch.stack([z.sum((0, 1)) for z in _cache_z(model, batch.clean)])
+        sums = part if sums is None else sums + part
+        count += batch.clean.shape[0] * batch.clean.shape[1]
+    return sums / count
+
+
 class _Corruption:
     """The corrupted head outputs of a batch, per layer, under one corruption scheme."""
 
     def __init__(self, model, tok, corruption: str, batch_size: int) -> None:
         self.model, self.kind = model, corruption
-        if corruption == "mean":  # each head's mean output over the task's clean examples and positions
-            sums, count = None, 0
-            for batch in task_batches(tok, batch_size):
-                zs = _cache_z(model, batch.clean)
-                part = torch.stack([z.sum((0, 1)) for z in zs])
-                sums = part if sums is None else sums + part
-                count += batch.clean.shape[0] * batch.clean.shape[1]
-            self.mean = sums / count
+        if corruption == "mean":
+            self.mean = mean_head_outputs(model, tok, batch_size)
 
     def __call__(self, batch: TaskBatch, clean_z: list[Tensor]) -> list[Tensor]:
         if self.kind == "paired":
@@ -316,4 +321,4 @@ def attribute_heads(
     )
 
 
-__all__ = ["CORRUPTIONS", "METHODS", "attribute_heads", "task_metric"]
+__all__ = ["CORRUPTIONS", "METHODS", "attribute_heads", "mean_head_outputs", "task_metric"]

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from mechkit.data.function_chains import FUNCTIONS, SubQuestion
 from mechkit.data.tasks import Task, tokenise_task
 from mechkit.errors import MechkitError
+from mechkit.heads.attribution import mean_head_outputs
 from mechkit.heads.function_heads import FunctionHeads
 from mechkit.heads.interventions import Head, scale_heads
 from mechkit.heads.patching import metric_positions, run_to_logits, task_batches
@@ -77,16 +78,8 @@ def gold_answer_scores(model, subquestions: Sequence[SubQuestion], *, batch_size
 def head_means(model, subquestions: Sequence[SubQuestion], heads: Sequence[Head], *, batch_size: int = 16
                ) -> dict[Head, torch.Tensor]:
     """Each head's output averaged over every token of ``subquestions`` (for mean-ablation)."""
-    tok = tokenise_task(model, as_task("means", subquestions))
-    layers = sorted({layer for layer, _ in heads})
-    sums = {layer: 0.0 for layer in layers}
-    count = 0
-    for batch in task_batches(tok, batch_size):
-        _, cache = model.run_with_cache(batch.clean, names_filter=lambda n: n.endswith("attn.hook_z"))
-        for layer in layers:
-            sums[layer] = sums[layer] + cache[f"blocks.{layer}.attn.hook_z"].float().sum((0, 1))
-        count += batch.clean.numel()
-    return {(layer, head): sums[layer][head] / count for layer, head in heads}
+    means = mean_head_outputs(model, tokenise_task(model, as_task("means", subquestions)), batch_size)
+    return {(layer, head): means[layer, head] for layer, head in heads}
 
 
 def intervention_table(model, result: FunctionHeads, subquestions: Sequence[SubQuestion] | None = None, *,
