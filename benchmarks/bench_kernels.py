@@ -10,7 +10,7 @@ One command on a GPU machine (``python benchmarks/bench_kernels.py``) prints:
    heads (exact ranks, and with k=10 as classification runs it), the chunked torch reference
    and "materialise the n x V logits per head" timed on a few heads and scaled up;
 3. top-k (k=64) over the whole vocabulary for every token as a source (n = V rows), for one
-   layer's 64 heads (timed on a subset and scaled).
+   layer's 64 heads (timed on ``--topk-heads`` heads with all V rows each, and scaled).
 
 Without a GPU it measures the CPU reference path at the two bundled models' shapes instead
 (random weights of the same sizes), against materialising the logits.
@@ -93,8 +93,8 @@ def peak(fn) -> tuple[float, float]:
 
 RANK_SWEEP = [dict(block_m=m, block_n=nb, num_warps=w, num_stages=st)
               for m, nb in ((64, 128), (128, 128), (128, 64), (64, 256), (128, 256)) for w in (4, 8) for st in (3, 4)]
-COLLECT_SWEEP = [dict(block_m=m, block_n=nb, num_warps=w, num_stages=3)
-                 for m, nb in ((64, 128), (128, 128), (64, 256), (128, 64)) for w in (4, 8)]
+COLLECT_SWEEP = [dict(block_m=m, block_n=nb, num_warps=w, num_stages=3, lane_cap=lane_cap, margin=margin)
+                 for m, nb in ((128, 64), (64, 128)) for w in (4, 8) for lane_cap in (0, 8) for margin in (1.5, 3.0)]
 
 
 def sweep(run, defaults: dict, configs: list[dict], what: str) -> None:
@@ -177,29 +177,85 @@ def gpu_topk(args, rate: float) -> None:
 
     s = args.shape
     H, d, r, V, k = s["heads"], s["d_model"], s["d_head"], s["vocab"], 64
-    n = min(args.topk_rows, V)  # source rows timed, of the V (every token) the full problem has
+    heads = min(args.topk_heads, H)  # heads timed, each with every token (n = V rows) as a source
+    n = V
     dev, bf = args.device, torch.bfloat16
     g = torch.Generator(device=dev).manual_seed(1)
     W_U = torch.randn(d, V, device=dev, dtype=bf, generator=g) / d**0.5
-    W_O = torch.randn(1, r, d, device=dev, dtype=bf, generator=g) / r**0.5
-    Y = torch.randn(1, n, r, device=dev, dtype=bf, generator=g)
+    W_O = torch.randn(heads, r, d, device=dev, dtype=bf, generator=g) / r**0.5
+    Y = torch.randn(heads, n, r, device=dev, dtype=bf, generator=g)
     B = W_O @ W_U
     layer_flops = H * (2 * V * r * V + 2 * r * d * V)
-    timed_flops = 2 * n * r * V
+    timed_flops = heads * 2 * n * r * V
     scale = layer_flops / timed_flops  # dominated by the scores; forming B is under 1% at n = V
     print(f"\nTop-{k} over the vocabulary for every token as a source (n = V = {V}) for one layer's {H} heads: "
-          f"{layer_flops:.2e} FLOPs, floor {layer_flops / rate:.2f} s; timed on {n} rows of one head and scaled")
+          f"{layer_flops:.2e} FLOPs, floor {layer_flops / rate:.2f} s; timed on {heads} heads x {n} rows and scaled")
     sweep(lambda config: topk_triton(Y, B, k, config=config), triton_projection.COLLECT_CONFIG, COLLECT_SWEEP,
-          f"top-{k} collect pass, {n} rows")
+          f"top-{k}, {heads} heads x {n} rows")
+    phases: dict = {}
+    topk_triton(Y, B, k, timings=phases)
+    total = sum(v for key, v in phases.items() if key != "redone rows")
+    print("  steps (synchronised, one run): " + ", ".join(
+        f"{key} {v * 1e3:.1f} ms ({v / total:.0%})" if key != "redone rows" else f"{key} {v} of {heads * n}"
+        for key, v in phases.items()))
     rows = []
-    for name, backend in (("Triton", "triton"), ("torch reference (blocked)", "reference")):
-        seconds, mem = peak(lambda: projection_topk(Y, B, k, backend=backend))
-        rows.append([name, f"{seconds * scale:.1f}", f"{timed_flops / seconds / 1e12:.1f}",
+    results = {}
+    best = triton_projection.COLLECT_CONFIG
+    layout = f"{best['lane_cap']}-slot lanes" if best["lane_cap"] else "atomic slots"
+    for name, backend in ((f"Triton: sampled tile maxima -> threshold (margin {best['margin']}), one collecting pass "
+                           f"({layout}), top-k of the candidates", "triton"),
+                          ("torch reference (blocked running top-k)", "reference")):
+        seconds, mem = peak(lambda: results.__setitem__(backend, projection_topk(Y, B, k, backend=backend)))
+        rows.append([name, f"{seconds * scale:.2f}", f"{timed_flops / seconds / 1e12:.1f}",
                      f"{timed_flops / seconds / rate:.1%}", f"{mem:.3f}"])
     print_table(["method", "seconds (one layer, scaled)", "TFLOP/s", "of bf16 rate", "peak extra GiB"], rows)
-    ts, ti = projection_topk(Y, B, k, backend="triton")
-    rs, ri = projection_topk(Y, B, k, backend="reference")
-    print(f"  agreement on {n} rows: indices {(ti == ri).float().mean():.5f}, max |score diff| {(ts - rs).abs().max():.2e}")
+    (ts, ti), (rs, ri) = results["triton"], results["reference"]
+    print(f"  agreement on {heads} x {n} rows: indices {(ti == ri).float().mean():.6f}, "
+          f"max |score diff| {(ts - rs).abs().max():.2e}")
+
+
+def gpu_topk_diagnosis(args, rate: float) -> None:
+    """What limits the collecting pass: the same problem (heads x V rows) through epilogues of
+    increasing weight: count only (the rank kernel), a per-row maximum stored every tile (the
+    sampling kernel at every tile), the collecting pass with no hits (stores predicated off),
+    and with the real threshold."""
+    import triton
+
+    from mechkit.kernels import triton_projection as tp
+
+    s = args.shape
+    r, V, heads = s["d_head"], s["vocab"], min(args.topk_heads, s["heads"])
+    dev, bf = args.device, torch.bfloat16
+    g = torch.Generator(device=dev).manual_seed(2)
+    Y = torch.randn(heads, V, r, device=dev, dtype=bf, generator=g)
+    B = torch.randn(heads, r, V, device=dev, dtype=bf, generator=g) / r**0.5
+    targets = torch.randint(0, V, (heads, V), device=dev, generator=g)
+    flops = heads * 2 * V * r * V
+    config = dict(tp.COLLECT_CONFIG)
+    bm, bn = config["block_m"], config["block_n"]
+    maxima = torch.empty(heads, triton.cdiv(V, bn), V, device=dev)
+
+    def max_every_tile():
+        tp._sampled_max_kernel[(triton.cdiv(V, bm), heads)](
+            Y, B, maxima, V, Y.stride(0), Y.stride(1), B.stride(0), B.stride(1), maxima.stride(0), maxima.stride(1),
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=tp._block_k(r), IEEE=False, r=r, V=V, EVERY=1, SAMPLED=maxima.shape[1],
+            **tp._launch_config(Y.device, config))
+
+    kth = (Y[:, :4096].float() @ B.float()).topk(96, dim=-1).values[..., -1].mean()  # a typical tight threshold
+    runs = [("rank kernel (compare + count per row)", lambda: tp.rank_triton(Y, B, targets)),
+            ("rank kernel, its swept config as for collect", lambda: tp.rank_triton(Y, B, targets, config=config)),
+            ("per-row maximum stored every tile", max_every_tile),
+            ("collect, threshold +inf (no hits)", lambda: tp._collect(Y, B, torch.full((heads, V), float("inf"), device=dev),
+                                                                      512, config)),
+            ("collect, typical threshold", lambda: tp._collect(Y, B, torch.full((heads, V), float(kth), device=dev),
+                                                               512, config))]
+    rows = []
+    for name, fn in runs:
+        fn()
+        seconds = timed(fn)
+        rows.append([name, f"{seconds * 1e3:.1f}", f"{flops / seconds / 1e12:.0f}", f"{flops / seconds / rate:.0%}"])
+    print(f"\nDiagnosis: {heads} heads x {V} rows x V = {V}, config {config}")
+    print_table(["epilogue", "ms", "TFLOP/s", "of bf16 rate"], rows)
 
 
 def cpu_reference(args) -> None:
@@ -226,17 +282,18 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=LLAMA_70B["layers"])
     parser.add_argument("--pairs", type=int, default=MAPS_PAIRS)
     parser.add_argument("--sample-heads", type=int, default=4, help="heads timed for the slow GPU baselines")
-    parser.add_argument("--topk-rows", type=int, default=8192, help="source rows timed for the top-k problem")
+    parser.add_argument("--topk-heads", type=int, default=2, help="heads timed (n = V rows each) for the top-k problem")
     parser.add_argument("--smoke", action="store_true", help="run the GPU sections at toy shapes on the CPU "
                         "(under TRITON_INTERPRET=1), to check the script itself")
     parser.add_argument("--cpu-heads", type=int, default=2, help="heads timed per model on the CPU")
     parser.add_argument("--skip", nargs="*", default=(), choices=["rank", "topk"])
+    parser.add_argument("--diagnose", action="store_true", help="time the top-k collecting pass against lighter epilogues")
     args = parser.parse_args()
     print(machine_description())
     args.shape, args.device = LLAMA_70B, "cuda"
     if args.smoke:
         args.shape, args.device = dict(heads=3, d_model=48, d_head=32, vocab=700), "cpu"
-        args.layers, args.pairs, args.sample_heads, args.topk_rows = 2, 50, 2, 40
+        args.layers, args.pairs, args.sample_heads, args.topk_heads = 2, 50, 2, 2
         rate, bandwidth = measure_floor("cpu")
     elif not torch.cuda.is_available():
         torch.set_num_threads(1)
@@ -250,6 +307,8 @@ def main() -> None:
         gpu_rank(args, rate, bandwidth)
     if "topk" not in args.skip:
         gpu_topk(args, rate)
+    if args.diagnose:
+        gpu_topk_diagnosis(args, rate)
 
 
 if __name__ == "__main__":

@@ -101,6 +101,42 @@ def test_triton_topk_redoes_rows_whose_candidates_overflow():
     assert index[0].tolist() == [[0, 1, 2]] * 70 and torch.all(scores == 16)
 
 
+def test_triton_topk_collects_again_where_the_tight_threshold_lets_too_few_through():
+    from mechkit.kernels.triton_projection import topk_triton
+
+    g = torch.Generator().manual_seed(11)
+    V, k, block_n = 3001, 5, 128
+    config = dict(block_m=64, block_n=block_n, margin=3.0)
+    Y = torch.randn(2, 23, 32, generator=g).abs()
+    B = torch.randn(2, 32, V, generator=g) * 0.01
+    # Sampled tiles are every 4th here (24 tiles, k = 5): give four of them one huge column each,
+    # so the tight threshold (4th largest sampled maximum) admits only those four columns.
+    every = max(1, min(8, -(-V // block_n) // k))
+    assert every == 4
+    for tile in (0, 4, 8, 12):
+        B[:, :, tile * block_n + 3] = 1.0
+    B[:, :, 2 * block_n + 7] = 0.9  # the 5th best: in an unsampled tile, under the tight threshold
+    timings: dict = {}
+    scores, index = topk_triton(Y.to(DEVICE), B.to(DEVICE), k, timings=timings, config=config)
+    ref_scores, ref_index = projection_topk(Y.to(DEVICE), B.to(DEVICE), k, backend="reference")
+    assert timings["redone rows"] == 2 * 23  # every row went through the safe threshold
+    assert torch.equal(index.cpu(), ref_index.cpu())
+    torch.testing.assert_close(scores, ref_scores, rtol=1e-5, atol=1e-5)
+    assert set(index[0, 0].tolist()) == {3, 4 * block_n + 3, 8 * block_n + 3, 12 * block_n + 3, 2 * block_n + 7}
+
+
+@pytest.mark.parametrize(("seed", "config"), [(0, dict(lane_cap=0)), (1, dict(lane_cap=0, margin=1.0)),
+                                             (2, dict(lane_cap=2)), (3, dict(lane_cap=1, margin=1.5))])
+def test_triton_topk_over_a_sampled_vocabulary_matches_the_reference(seed, config):
+    from mechkit.kernels.triton_projection import topk_triton
+
+    Y, B, _ = _inputs(seed, heads=3, n=37, r=24, vocab=4099, dtype=torch.float32)
+    scores, index = topk_triton(Y, B, 7, config=config)  # both buffer layouts, tight and loose thresholds
+    ref_scores, ref_index = projection_topk(Y, B, 7, backend="reference")
+    torch.testing.assert_close(scores, ref_scores, rtol=1e-5, atol=1e-5)
+    assert (index == ref_index).float().mean() >= 0.99
+
+
 def test_requesting_triton_without_a_gpu_falls_back_with_a_notice(monkeypatch):
     if CUDA:
         pytest.skip("a GPU is present")

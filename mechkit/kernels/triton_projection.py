@@ -12,11 +12,12 @@ in place and streams ``B`` through in column tiles, so memory is O(n) besides ``
   ``k``, a row block stops as soon as every row has seen ``k`` larger scores; column
   tiles are visited in a scrambled order (a fixed stride coprime to the tile count) so
   that frequent and rare tokens alike are seen early.
-* :func:`topk_triton`: a threshold per row from a strided sample of columns (a lower bound on
-  the k-th largest score), then one kernel pass that writes out only the columns at or above
-  it, and a top-k over those few. (A first version merged a running top-k tile by tile with a
-  bitonic sort: 0.3% of the H100's bf16 rate, slower than the torch reference.) Ties go to the
-  lower index, as in the reference.
+* :func:`topk_triton`: a threshold per row from the maxima of a strided sample of column tiles,
+  then one kernel pass that appends only the scores at or above it to a per-row buffer (slots
+  from an atomic add on the row's counter), and a top-k over those few. (Earlier versions: a
+  running top-k merged tile by tile with a bitonic sort ran at 0.3% of the H100's bf16 rate;
+  placing candidates with a per-tile prefix sum, at 3%.) Ties go to the lower index, as in the
+  reference.
 
 Runs on CUDA GPUs, and on the CPU under ``TRITON_INTERPRET=1`` (slow, for tests).
 """
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from typing import no_type_check
 
 import torch
@@ -114,18 +116,58 @@ def _rank_kernel(Y, B, T, S, OUT, n, k_limit,
 
 @no_type_check  # Triton compiles these; the runtime shape checker must not wrap them
 @triton.jit
-def _collect_kernel(Y, B, THRESH, OUT_S, OUT_I, COUNT, n,
-                    sy_n, sb_r, so_n,
-                    CAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                    IEEE: tl.constexpr, r: tl.constexpr, V: tl.constexpr):
-    """Write every (score, column) of row i of Y @ B with score >= THRESH[i] into OUT[i, :CAP]
-    and their number into COUNT[i] (which may exceed CAP: the caller redoes such rows).
-    A program owns its rows, so slots come from a running count and a scan, not atomics."""
-    pid = tl.program_id(0)
+def _sampled_max_kernel(Y, B, OUT, n,
+                        sy_h, sy_n, sb_h, sb_r, so_h, so_s,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
+                        r: tl.constexpr, V: tl.constexpr, EVERY: tl.constexpr, SAMPLED: tl.constexpr):
+    """OUT[h, j, i] = the largest score of row i of Y[h] @ B[h] in column tile j * EVERY."""
+    pid, head = tl.program_id(0), tl.program_id(1)
+    Y += head.to(tl.int64) * sy_h  # the head's offset on the scalar base keeps the tile offsets int32
+    B += head.to(tl.int64) * sb_h
+    OUT += head.to(tl.int64) * so_h
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < n
-    thresh = tl.load(THRESH + rows, mask=row_ok, other=float("inf"))
-    count = tl.zeros((BLOCK_M,), dtype=tl.int32)
+    for j in range(SAMPLED):
+        cols = j * EVERY * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_ok = cols < V
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in tl.static_range(0, r, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            y = tl.load(Y + rows[:, None] * sy_n + ks[None, :], mask=row_ok[:, None] & (ks[None, :] < r), other=0.0)
+            b = tl.load(B + ks[:, None] * sb_r + cols[None, :], mask=(ks[:, None] < r) & col_ok[None, :], other=0.0)
+            acc = _dot(y, b, acc, IEEE)
+        best = tl.max(tl.where(col_ok[None, :], acc, float("-inf")), axis=1)
+        tl.store(OUT + j * so_s + rows, best, mask=row_ok)
+
+
+@no_type_check  # Triton compiles these; the runtime shape checker must not wrap them
+@triton.jit
+def _collect_kernel(Y, B, THRESH, OUT_S, OUT_I, COUNT, n,
+                    sy_h, sy_n, sb_h, sb_r, st_h, so_h, so_n, sc_h,
+                    CAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                    IEEE: tl.constexpr, r: tl.constexpr, V: tl.constexpr, LANE_CAP: tl.constexpr):
+    """Keep every (score, column) of row i of Y[h] @ B[h] with score >= THRESH[h, i] in
+    OUT[h, i, :CAP] and write their number to COUNT[h, i] (over CAP: the buffer overflowed and
+    the caller redoes the row). No atomics and no scan: with ``LANE_CAP`` > 0 the buffer is
+    ``BLOCK_N`` lanes of ``LANE_CAP`` slots, lane j holding the hits of columns = j mod BLOCK_N,
+    counted in registers laid out like the scores (CAP = BLOCK_N * LANE_CAP; a row overflows
+    when one lane does). With ``LANE_CAP`` = 0 slots come from an atomic add on the row's
+    counter instead, stored one tile later so the atomic's round trip overlaps the next tile."""
+    pid, head = tl.program_id(0), tl.program_id(1)
+    Y += head.to(tl.int64) * sy_h  # the head's offset on the scalar base keeps the tile offsets int32
+    B += head.to(tl.int64) * sb_h
+    OUT_S += head.to(tl.int64) * so_h
+    OUT_I += head.to(tl.int64) * so_h
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < n
+    thresh = tl.load(THRESH + head * st_h + rows, mask=row_ok, other=float("inf"))
+    out_row = (rows * so_n)[:, None]
+    lane = tl.arange(0, BLOCK_N)[None, :]
+    ones = tl.full((BLOCK_M, BLOCK_N), 1, tl.int32)
+    counters = tl.broadcast_to((COUNT + head * sc_h + rows)[:, None], (BLOCK_M, BLOCK_N))
+    held = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)  # LANE_CAP: hits per lane; atomic: last tile's slots
+    last = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    last_keep = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int1)
     for c0 in range(0, V, BLOCK_N):
         cols = c0 + tl.arange(0, BLOCK_N)
         col_ok = cols < V
@@ -136,13 +178,29 @@ def _collect_kernel(Y, B, THRESH, OUT_S, OUT_I, COUNT, n,
             b = tl.load(B + ks[:, None] * sb_r + cols[None, :], mask=(ks[:, None] < r) & col_ok[None, :], other=0.0)
             acc = _dot(y, b, acc, IEEE)
         keep = (acc >= thresh[:, None]) & col_ok[None, :]
-        if tl.max(keep.to(tl.int32)) > 0:  # later tiles mostly hold no candidate at all
-            slot = count[:, None] + tl.cumsum(keep.to(tl.int32), axis=1) - 1
-            write = keep & (slot < CAP)
-            tl.store(OUT_S + rows[:, None] * so_n + slot, acc, mask=write)
-            tl.store(OUT_I + rows[:, None] * so_n + slot, tl.broadcast_to(cols[None, :], (BLOCK_M, BLOCK_N)), mask=write)
-            count += tl.sum(keep.to(tl.int32), axis=1)
-    tl.store(COUNT + rows, count, mask=row_ok)
+        if LANE_CAP > 0:
+            write = keep & (held < LANE_CAP)
+            where = out_row + held * BLOCK_N + lane
+            tl.store(OUT_S + where, acc, mask=write)
+            tl.store(OUT_I + where, lane + c0 + tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32), mask=write)
+            held += keep.to(tl.int32)
+        else:
+            write = last_keep & (held < CAP)
+            where = out_row + tl.where(write, held, 0)
+            tl.store(OUT_S + where, last, mask=write)
+            tl.store(OUT_I + where, lane + (c0 - BLOCK_N) + tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32), mask=write)
+            held = tl.atomic_add(counters, ones, mask=keep, sem="relaxed")
+            last, last_keep = acc, keep
+    if LANE_CAP > 0:
+        total = tl.sum(held, axis=1)
+        total = tl.where(tl.max(held, axis=1) > LANE_CAP, CAP + 1, total)
+        tl.store(COUNT + head * sc_h + rows, total, mask=row_ok)
+    else:  # the last tile's hits
+        c_last = ((V - 1) // BLOCK_N) * BLOCK_N
+        write = last_keep & (held < CAP)
+        where = out_row + tl.where(write, held, 0)
+        tl.store(OUT_S + where, last, mask=write)
+        tl.store(OUT_I + where, lane + c_last + tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32), mask=write)
 
 
 def _rows_contiguous(X: Tensor) -> Tensor:
@@ -162,7 +220,7 @@ def _block_k(r: int) -> int:
 # Tile sizes and launch settings of the rank and collect kernels on CUDA (benchmarks/bench_kernels.py
 # sweeps them on the GPU it runs on; these are the best it found on an H100).
 RANK_CONFIG = dict(block_m=128, block_n=64, num_warps=4, num_stages=3)
-COLLECT_CONFIG = dict(block_m=64, block_n=128, num_warps=8, num_stages=3)
+COLLECT_CONFIG = dict(block_m=128, block_n=64, num_warps=8, num_stages=3, lane_cap=8, margin=1.5)
 
 
 def _launch_config(device: torch.device, config: dict) -> dict:
@@ -202,6 +260,43 @@ def rank_triton(
     return out.long()
 
 
+def _collect(Y: Tensor, B: Tensor, thresh: Tensor, cap: int, config: dict) -> tuple[Tensor, Tensor, Tensor]:
+    """Run the collect kernel over heads x rows: candidate scores (-inf where unfilled),
+    their columns, and each row's number of candidates (over the buffer's size: overflowed).
+    ``config["lane_cap"]`` > 0 picks the lane buffer (its size then is block_n * lane_cap)."""
+    H, n, r = Y.shape
+    lane_cap = int(config.get("lane_cap", 0))
+    if lane_cap:
+        cap = config["block_n"] * lane_cap
+    cand_s = torch.full((H, n, cap), float("-inf"), device=Y.device)
+    cand_i = torch.zeros((H, n, cap), dtype=torch.int32, device=Y.device)
+    count = torch.zeros((H, n), dtype=torch.int32, device=Y.device)
+    thresh = thresh.float().contiguous()
+    _collect_kernel[(triton.cdiv(n, config["block_m"]), H)](
+        Y, B, thresh, cand_s, cand_i, count, n, Y.stride(0), Y.stride(1), B.stride(0), B.stride(1),
+        thresh.stride(0), cand_s.stride(0), cand_s.stride(1), count.stride(0),
+        CAP=cap, BLOCK_M=config["block_m"], BLOCK_N=config["block_n"], BLOCK_K=_block_k(r), IEEE=_ieee(Y), r=r,
+        V=B.shape[-1], LANE_CAP=lane_cap, **_launch_config(Y.device, config))
+    return cand_s, cand_i, count
+
+
+def _select(cand_s: Tensor, cand_i: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The ``k`` best candidates of each row, ties to the lower index: a float top-(k+1),
+    then the exact (score, index) order only where the k-th and (k+1)-th scores tie."""
+    if cand_s.shape[-1] <= k + 1:
+        return top_by_score_then_index(cand_s, cand_i, k)
+    vals, pos = cand_s.topk(k + 1, dim=-1)
+    scores, index = top_by_score_then_index(vals[..., :k], cand_i.gather(-1, pos[..., :k]), k)
+    tied = vals[..., k - 1] == vals[..., k]
+    if tied.any():
+        scores[tied], index[tied] = top_by_score_then_index(cand_s[tied], cand_i[tied], k)
+    return scores, index
+
+
+# Bytes of candidate buffers (score + column) one collect launch may hold.
+CANDIDATE_BYTES = 1 << 30
+
+
 @torch.no_grad()
 def topk_triton(
     Y: Float[Tensor, "heads n r"],
@@ -209,43 +304,107 @@ def topk_triton(
     k: int,
     *,
     sample_every: int = 8,
-    row_chunk: int = 8192,
     config: dict | None = None,
+    timings: dict | None = None,
 ) -> tuple[Float[Tensor, "heads n k"], Int[Tensor, "heads n k"]]:
     """Top-``k`` scores (descending) and column indices of each row of ``Y[h] @ B[h]``.
 
-    Three steps per head: (1) a threshold per row, a little under the k-th largest score of
-    every ``sample_every``-th column (a lower bound on the k-th largest overall); (2) one
-    kernel pass that keeps only the columns at or above it (about ``k * sample_every`` a row);
-    (3) a top-k over those few. Rows whose candidates overflow the buffer are redone exactly
-    with the torch reference. Ties go to the lower index. ``config`` overrides :data:`COLLECT_CONFIG`.
+    (1) A sampling kernel computes every ``sample_every``-th column tile and keeps each row's
+    maximum per tile. The k-th largest of those maxima is a *safe* threshold (k tiles hold a
+    score at or above it, so at least k scores are); a higher *tight* one (the
+    ``ceil(margin * k / sample_every)``-th) lets through about margin * k candidates on typical
+    rows. (2) One collecting pass over the whole vocabulary keeps the scores at or above the
+    tight threshold in a per-row buffer (see :func:`_collect_kernel` for its two layouts). (3) A top-k over the buffer. A row whose candidates number
+    at least k and fit the buffer is exact whatever the threshold was; the others (the tight
+    guess let too few or too many through) are collected again with the safe threshold and a
+    larger buffer, and any still over it are redone with the torch reference. Ties go to the
+    lower index. ``config`` overrides :data:`COLLECT_CONFIG`; ``timings``, if given, receives
+    seconds per step (synchronising the GPU, for the benchmark).
     """
     config = {**COLLECT_CONFIG, **(config or {})}
-    block_m, block_n = config["block_m"], config["block_n"]
     H, n, r = Y.shape
     V = B.shape[-1]
     Y, B = _rows_contiguous(Y), _rows_contiguous(B)
-    cap = min(V, max(2 * k, 4 * k * sample_every) + 64)
+    tiles = triton.cdiv(V, config["block_n"])
+    every = max(1, min(sample_every, tiles // k))  # keep at least k sampled tiles where the vocabulary allows
+    sampled = triton.cdiv(tiles, every)
+    pick = min(k, math.ceil(config["margin"] * k / every))
+    cap = V if sampled < k else min(V, 2 * pick * every + 64)
+    if sampled < k:  # every column is a candidate: only the counter buffer holds them all
+        config["lane_cap"] = 0
+    safe_cap = V if sampled < k else min(V, 4 * k * every + 64)
     out_scores = torch.empty(H, n, k, device=Y.device)
     out_index = torch.empty(H, n, k, dtype=torch.long, device=Y.device)
-    for h in range(H):
-        sampled = B[h][:, ::sample_every]
-        for start in range(0, n, row_chunk):
-            Yc = Y[h, start:start + row_chunk]
-            m = Yc.shape[0]
-            # (1) the sample's k-th best, lowered past the sample GEMM's rounding (bf16 output)
-            kth = (Yc @ sampled).float().topk(min(k, sampled.shape[1]), dim=1).values[:, -1]
-            thresh = kth - 1e-2 * kth.abs() - 1e-6 if sampled.shape[1] >= k else torch.full_like(kth, float("-inf"))
-            cand_s = torch.full((m, cap), float("-inf"), device=Y.device)
-            cand_i = torch.zeros((m, cap), dtype=torch.int32, device=Y.device)
-            count = torch.zeros(m, dtype=torch.int32, device=Y.device)
-            _collect_kernel[(triton.cdiv(m, block_m),)](
-                Yc, B[h], thresh.contiguous(), cand_s, cand_i, count, m, Yc.stride(0), B.stride(1), cand_s.stride(0),
-                CAP=cap, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=_block_k(r), IEEE=_ieee(Y), r=r, V=V,
+    clock = _Clock(Y.device, timings)
+    per_row = max(cap, config["block_n"] * config["lane_cap"]) * 8
+    rows = max(config["block_m"], CANDIDATE_BYTES // per_row)
+    for h0, h1, n0, n1 in _work_blocks(H, n, rows):
+        Yb, Bb = Y[h0:h1, n0:n1], B[h0:h1]
+        if sampled >= k:
+            maxima = torch.empty(h1 - h0, sampled, n1 - n0, device=Y.device)
+            _sampled_max_kernel[(triton.cdiv(n1 - n0, config["block_m"]), h1 - h0)](
+                Yb, Bb, maxima, n1 - n0, Yb.stride(0), Yb.stride(1), Bb.stride(0), Bb.stride(1),
+                maxima.stride(0), maxima.stride(1), BLOCK_M=config["block_m"], BLOCK_N=config["block_n"],
+                BLOCK_K=_block_k(r), IEEE=_ieee(Y), r=r, V=V, EVERY=every, SAMPLED=sampled,
                 **_launch_config(Y.device, config))
-            scores, index = top_by_score_then_index(cand_s, cand_i, k)
-            over = (count > cap).nonzero()[:, 0]
-            if over.numel():  # the threshold let through more than the buffer holds: exact redo
-                scores[over], index[over] = projection_topk_reference(Yc[over], B[h], k)
-            out_scores[h, start:start + m], out_index[h, start:start + m] = scores, index
+            best = maxima.topk(k, dim=1).values
+            tight, safe = best[:, pick - 1], best[:, k - 1]
+            del maxima, best
+        else:  # too few tiles to sample: every column is a candidate
+            tight = safe = torch.full((h1 - h0, n1 - n0), float("-inf"), device=Y.device)
+        clock.lap("threshold")
+        cand_s, cand_i, count = _collect(Yb, Bb, tight, cap, config)
+        clock.lap("collect")
+        scores, index = _select(cand_s, cand_i, k)
+        width = cand_s.shape[-1]
+        del cand_s, cand_i
+        clock.lap("select")
+        redo = ((count < k) | (count > width)).nonzero()
+        for h in redo[:, 0].unique().tolist():
+            rows_h = redo[redo[:, 0] == h, 1]
+            s2, i2, c2 = _collect(Yb[h, rows_h][None], Bb[h][None], safe[h, rows_h][None], safe_cap,
+                                  {**config, "lane_cap": 0})
+            redone_s, redone_i = _select(s2, i2, k)
+            scores[h, rows_h], index[h, rows_h] = redone_s[0], redone_i[0]
+            still = ((c2[0] < k) | (c2[0] > safe_cap)).nonzero()[:, 0]
+            if still.numel():  # more candidates than the larger buffer: exact redo
+                exact = projection_topk_reference(Yb[h, rows_h[still]], Bb[h], k)
+                scores[h, rows_h[still]], index[h, rows_h[still]] = exact
+        if timings is not None:
+            timings["redone rows"] = timings.get("redone rows", 0) + len(redo)
+        clock.lap("redo")
+        out_scores[h0:h1, n0:n1], out_index[h0:h1, n0:n1] = scores, index
     return out_scores, out_index
+
+
+def _work_blocks(heads: int, n: int, rows: int):
+    """(h0, h1, n0, n1) blocks of about ``rows`` rows: several whole heads, or one head in row chunks."""
+    if n <= rows:
+        step = max(1, rows // n)
+        for h0 in range(0, heads, step):
+            yield h0, min(heads, h0 + step), 0, n
+        return
+    for h in range(heads):
+        for n0 in range(0, n, rows):
+            yield h, h + 1, n0, min(n, n0 + rows)
+
+
+class _Clock:
+    """Adds the seconds since the last lap to ``timings[name]`` (no-op without ``timings``)."""
+
+    def __init__(self, device: torch.device, timings: dict | None):
+        self.device, self.timings = device, timings
+        self.last = self._now()
+
+    def _now(self) -> float:
+        if self.timings is None:
+            return 0.0
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        if self.timings is not None:
+            now = self._now()
+            self.timings[name] = self.timings.get(name, 0.0) + now - self.last
+            self.last = now
