@@ -205,7 +205,7 @@ def test_function_heads_writes_result_figure_and_tables(tmp_path, tiny_folder, c
 
 
 def test_builtin_safety_datasets_by_name():
-    from mechkit.cli import _dataset
+    from mechkit.probing.datasets import builtin_dataset as _dataset
 
     by_request, by_template = _dataset("jailbreak"), _dataset("jailbreak_by_template")
     assert len(by_request) == len(by_template) and by_request.class_counts()[0] == by_request.class_counts()[1]

@@ -252,4 +252,19 @@ def checkpoint_diff(model_a, model_b, *, normalise: bool = False) -> LabelledArr
     )
 
 
-__all__ = ["COMPONENTS", "METHODS", "attribute_components", "checkpoint_diff", "component_hook", "component_weights"]
+def mean_over_tasks(arrays: list[LabelledArray], name: str) -> LabelledArray:
+    """The mean of several tasks' ``layer x component`` results (a component missing everywhere stays NaN)."""
+    stack = np.stack([a.transpose("layer", "component").values.astype(float) for a in arrays])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns (a missing component) stay NaN
+        mean = np.nanmean(stack, axis=0)
+    first = arrays[0].transpose("layer", "component")
+    attrs = {key: first.attrs[key] for key in ("method", "normalised", "elementwise", "corruption") if key in first.attrs}
+    attrs.update(task=name, tasks=[a.attrs.get("task") for a in arrays],
+                 baseline={"metric": (first.attrs.get("baseline") or {}).get("metric")})
+    return LabelledArray(mean.astype(np.float32), first.axes, first.labels, name=f"{first.attrs.get('method')} component "
+                         f"attribution: mean of {len(arrays)} tasks", provenance=first.provenance, attrs=attrs)
+
+
+__all__ = ["COMPONENTS", "METHODS", "attribute_components", "checkpoint_diff", "component_hook", "component_weights",
+           "mean_over_tasks"]

@@ -172,4 +172,20 @@ def tokenise_task(model, task: Task) -> TokenisedTask:
                          torch.tensor(wrong) if task.paired else None, lengths, dropped)
 
 
-__all__ = ["TASK_NAMES", "Task", "TokenisedTask", "as_task", "builtin_task", "tokenise_task"]
+def select_tasks(names: list[str], examples: int | None = None) -> list[Task]:
+    """Tasks by name (built-in names, ``all`` for every built-in task, JSONL files), each cut
+    to its first ``examples`` examples when given."""
+    if examples is not None and examples < 1:
+        raise MechkitError(f"examples must be at least 1, got {examples}")
+    expanded = [t for name in names for t in (TASK_NAMES if name == "all" else [name])]
+    tasks = []
+    for name in dict.fromkeys(expanded):
+        task = as_task(name)
+        if examples is not None and examples < len(task):
+            task = Task(task.name, task.clean[:examples], task.answers[:examples], task.corrupted[:examples],
+                        task.corrupted_answers[:examples])
+        tasks.append(task)
+    return tasks
+
+
+__all__ = ["TASK_NAMES", "Task", "TokenisedTask", "as_task", "builtin_task", "select_tasks", "tokenise_task"]

@@ -321,4 +321,18 @@ def attribute_heads(
     )
 
 
-__all__ = ["CORRUPTIONS", "METHODS", "attribute_heads", "mean_head_outputs", "task_metric"]
+def top_heads(scores: LabelledArray, n: int = 3) -> list[tuple[str, float]]:
+    """The ``n`` heads (or query/key/value nodes) with the largest |score|: ``("L3.H2", score)``."""
+    axes = ("layer", "head") + (("node",) if "node" in scores.axes else ())
+    values = np.nan_to_num(scores.transpose(*axes).values.astype(float), nan=0.0)
+    order = np.argsort(-np.abs(values), axis=None, kind="stable")[:n]
+    top = []
+    for index in zip(*np.unravel_index(order, values.shape)):
+        name = f"L{scores.labels['layer'][index[0]]}.H{scores.labels['head'][index[1]]}"
+        if len(index) == 3:
+            name += f".{scores.labels['node'][index[2]]}"
+        top.append((name, float(values[index])))
+    return top
+
+
+__all__ = ["CORRUPTIONS", "METHODS", "attribute_heads", "mean_head_outputs", "task_metric", "top_heads"]
