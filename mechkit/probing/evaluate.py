@@ -46,12 +46,13 @@ def group_splits(n: int, groups: list[str] | None, labels: np.ndarray, *, folds:
 
 
 def evaluate_cells(features: torch.Tensor, labels: np.ndarray, splits, *, C: float = 1.0,
-                   balanced: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and std over splits of held-out (accuracy, F1, AUC) for every cell: (cell, metric) each."""
+                   balanced: bool = False, **fit: object) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and std over splits of held-out (accuracy, F1, AUC) for every cell: (cell, metric) each.
+    ``fit`` goes to :func:`~mechkit.probing.trainer.fit_probes` (``solver``, ``group_size``, ...)."""
     per_split = []
     y = torch.as_tensor(labels)
     for train, test in splits:
-        probe = fit_probes(features[:, train], y[train], C=C, balanced=balanced)
+        probe = fit_probes(features[:, train], y[train], C=C, balanced=balanced, **fit)
         decision = probe.decision(features[:, test]).numpy()
         truth = labels[test]
         per_split.append([[accuracy_score(truth, d > 0), f1_score(truth, d > 0, zero_division=0.0),
