@@ -130,6 +130,16 @@ def test_dataset_files(tmp_path):
     (tmp_path / "d.jsonl").write_text('{"text": "x"}\n')
     with pytest.raises(MechkitError, match="lacks a 'text' or 'label'"):
         ProbeDataset.from_file(tmp_path / "d.jsonl")
+    (tmp_path / "chat.csv").write_text("text,label,chat\nHi,1,false\nHo,0,true\n")
+    assert [p.chat for p in ProbeDataset.from_file(tmp_path / "chat.csv").prompts] == [False, True]
+    for body, message in (("text,label\nHi,\n", "labels must be 0 or 1"), ("text,label\nHi,2\n", "labels must be 0 or 1"),
+                          ("text,label,group\nHi,1,a\nHo,0,\n", "some records have a 'group'")):
+        (tmp_path / "bad.csv").write_text(body)
+        with pytest.raises(MechkitError, match=message):
+            ProbeDataset.from_file(tmp_path / "bad.csv")
+    (tmp_path / "bad.jsonl").write_text('{"text": "x", "label": 1.7}\n')
+    with pytest.raises(MechkitError, match="labels must be 0 or 1"):
+        ProbeDataset.from_file(tmp_path / "bad.jsonl")
 
 
 def test_true_false_and_sentiment_builtins_are_balanced_and_grouped():

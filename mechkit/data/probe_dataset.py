@@ -87,13 +87,24 @@ class ProbeDataset:
                 rows = list(csv.DictReader(handle, delimiter="\t" if path.suffix == ".tsv" else ","))
         else:
             raise MechkitError(f"{path}: use .csv, .tsv or .jsonl")
+        labels = []
         for number, row in enumerate(rows, 1):
             if "text" not in row or "label" not in row:
                 raise MechkitError(f"{path}: record {number} lacks a 'text' or 'label' field: {row}")
+            label = str(row["label"]).strip()
+            if label not in ("0", "1"):
+                raise MechkitError(f"{path}: record {number}: labels must be 0 or 1, got {row['label']!r}")
+            labels.append(int(label))
+            if isinstance(row.get("chat"), str):  # CSV cells are text: "false" must not read as true
+                chat = row["chat"].strip().lower()
+                if chat not in ("", "true", "false", "1", "0"):
+                    raise MechkitError(f"{path}: record {number}: chat must be true or false, got {row['chat']!r}")
+                row["chat"] = chat in ("true", "1")
         prompts = [Prompt.from_record(r) for r in rows]
-        try:
-            labels = [int(r["label"]) for r in rows]
-        except ValueError as error:
-            raise MechkitError(f"{path}: labels must be 0 or 1 ({error})") from None
-        groups = [r["group"] for r in rows] if rows and all(r.get("group") not in (None, "") for r in rows) else None
+        has_group = [r.get("group") not in (None, "") for r in rows]
+        if any(has_group) and not all(has_group):
+            missing = [i for i, has in enumerate(has_group, 1) if not has][:5]
+            raise MechkitError(f"{path}: some records have a 'group' and some do not (e.g. records {missing}); "
+                               "give every record a group, or none")
+        groups = [r["group"] for r in rows] if rows and all(has_group) else None
         return cls(name or path.stem, prompts, labels, groups)

@@ -57,6 +57,8 @@ class Relation:
 def load_relation_file(path: str | os.PathLike) -> Relation:
     """Read one relation file; malformed lines are reported with their line numbers."""
     path = Path(path)
+    if not path.is_file():
+        raise MechkitError(f"relation file {path} does not exist")
     header: dict[str, str] = {}
     pairs: list[tuple[str, str]] = []
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
