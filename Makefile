@@ -1,4 +1,4 @@
-# Two entry points: `make demo` (the main job on the bundled default model) and `make test`.
+# Two entry points: `make report` (every analysis on the bundled models, an HTML report) and `make test`.
 # Both create .venv and install everything on a fresh machine; torch is pinned to the CPU
 # build that lies on disk (a bare `torch` would pull a multi-GB CUDA build).
 PYTHON ?= python3
@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: demo test env clean-env
+.PHONY: report demo test env clean-env
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,6 +18,9 @@ $(STAMP): pyproject.toml
 	rm -f $(VENV)/.installed-* && touch $(STAMP)
 
 env: $(STAMP)
+
+report: $(STAMP)
+	$(BIN)/mechkit report --model gemma-3-270m --model smollm2-135m-instruct --out report
 
 demo: $(STAMP)
 	$(BIN)/mechkit demo --model gemma-3-270m

@@ -147,46 +147,16 @@ def _cmd_classify_heads(args: argparse.Namespace) -> int:
     return 0
 
 
-BUILTIN_DATASETS = ("true_false", "sentiment", "qa", "jailbreak", "jailbreak_by_template", "harmful_vs_harmless")
-
-
-def _dataset(name: str, model=None, *, per_type: int | None = None):
-    """A built-in probing dataset by name, or a CSV/JSONL file."""
-    from mechkit.data import ProbeDataset
-    from mechkit.data.probing_sets import sentiment, true_false
-
-    if name == "true_false":
-        return true_false()
-    if name == "sentiment":
-        return sentiment()
-    if name in ("jailbreak", "jailbreak_by_template"):  # plain text, so that base and chat models read the same
-        from mechkit.data.safety import jailbreak
-
-        return jailbreak(split_by="template" if name.endswith("by_template") else "request")
-    if name == "harmful_vs_harmless":
-        from mechkit.data.safety import harmful_vs_harmless
-
-        return harmful_vs_harmless()
-    if name == "qa":
-        from mechkit.probing.qa import qa_dataset
-
-        if model is None:
-            raise MechkitError("the qa dataset is made from one model's own answers: probe one model at a time")
-        return qa_dataset(model, per_type=per_type)
-    if Path(name).suffix in (".csv", ".tsv", ".jsonl"):
-        return ProbeDataset.from_file(name)
-    raise MechkitError(f"unknown dataset {name!r}: use one of {BUILTIN_DATASETS} or a .csv/.tsv/.jsonl file")
-
-
 def _cmd_probe(args: argparse.Namespace) -> int:
     from mechkit.models import load_model
     from mechkit.probing import probe_layers, probe_positions
+    from mechkit.probing.datasets import builtin_dataset
     from mechkit.viz import layer_probe_figure, position_probe_figure, save
 
     out = Path(args.out)
     if args.kind == "layers":
         models = [load_model(m) for m in args.model]
-        data = _dataset(args.dataset, models[0] if len(models) == 1 else None, per_type=args.per_type)
+        data = builtin_dataset(args.dataset, models[0] if len(models) == 1 else None, per_type=args.per_type)
         result = probe_layers(models, data, args.stream or ["resid_post", "attn_out"], folds=args.folds,
                               balanced=args.balanced, align=args.align, control=args.control)
         figure = layer_probe_figure(result.scores, metric=args.metric or "f1", annotate=args.annotate)
@@ -194,7 +164,7 @@ def _cmd_probe(args: argparse.Namespace) -> int:
         if len(args.model) != 1:
             raise MechkitError("probe positions takes one model")
         model = load_model(args.model[0])
-        data = _dataset(args.dataset, model, per_type=args.per_type)
+        data = builtin_dataset(args.dataset, model, per_type=args.per_type)
         positions = [int(p) if p.lstrip("-").isdigit() else p for p in args.position] if args.position else None
         kwargs = {"positions": positions} if positions else {}
         result = probe_positions(model, data, stream=(args.stream or ["resid_post"])[0], folds=args.folds,
@@ -218,24 +188,6 @@ def _cmd_probe(args: argparse.Namespace) -> int:
     return 0
 
 
-def _tasks(names: list[str], examples: int | None) -> list:
-    """Tasks from ``--task`` values (built-in names, ``all``, JSONL files), each cut to its
-    first ``examples`` examples when given."""
-    from mechkit.data.tasks import TASK_NAMES, Task, as_task
-
-    if examples is not None and examples < 1:
-        raise MechkitError(f"--examples must be at least 1, got {examples}")
-    expanded = [t for name in names for t in (TASK_NAMES if name == "all" else [name])]
-    tasks = []
-    for name in dict.fromkeys(expanded):
-        task = as_task(name)
-        if examples is not None and examples < len(task):
-            task = Task(task.name, task.clean[:examples], task.answers[:examples], task.corrupted[:examples],
-                        task.corrupted_answers[:examples])
-        tasks.append(task)
-    return tasks
-
-
 def _slug(text: str) -> str:
     """A file-name-safe form of a model, task or method name (``atp*`` -> ``atp_star``)."""
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in str(text).replace("*", "_star")).strip("_") or "x"
@@ -251,31 +203,16 @@ def _baseline_text(baseline: dict) -> str:
     return f"{baseline.get('clean', float('nan')):+.2f} [{low:+.2f}, {high:+.2f}]"
 
 
-def _top_heads(scores, n: int = 3) -> list[tuple[str, float]]:
-    """The ``n`` heads (or query/key/value nodes) with the largest |score|: ``("L3.H2", score)``."""
-    import numpy as np
-
-    axes = ("layer", "head") + (("node",) if "node" in scores.axes else ())
-    values = np.nan_to_num(scores.transpose(*axes).values.astype(float), nan=0.0)
-    order = np.argsort(-np.abs(values), axis=None, kind="stable")[:n]
-    top = []
-    for index in zip(*np.unravel_index(order, values.shape)):
-        name = f"L{scores.labels['layer'][index[0]]}.H{scores.labels['head'][index[1]]}"
-        if len(index) == 3:
-            name += f".{scores.labels['node'][index[2]]}"
-        top.append((name, float(values[index])))
-    return top
-
-
 def _cmd_attribute_heads(args: argparse.Namespace) -> int:
     import matplotlib.pyplot as plt
 
-    from mechkit.heads.attribution import attribute_heads
+    from mechkit.data.tasks import select_tasks
+    from mechkit.heads.attribution import attribute_heads, top_heads
     from mechkit.models import load_model
     from mechkit.viz import save, task_grid_figure
 
     out = Path(args.out)
-    tasks = _tasks(args.task, args.examples)
+    tasks = select_tasks(args.task, args.examples)
     method = _slug(args.method) + ("_qkv" if args.nodes == "qkv" else "")
     summary: dict = {"method": args.method, "corruption": args.corruption, "nodes": args.nodes, "models": {}}
     for name in args.model:
@@ -292,7 +229,7 @@ def _cmd_attribute_heads(args: argparse.Namespace) -> int:
             rows[task.name] = {"n": baseline["n"], "metric": baseline["metric"], "clean": baseline["clean"],
                                "ci": baseline["ci"], "significant": baseline["significant"],
                                "dropped": len(baseline.get("dropped", {})), "seconds": round(result.attrs["seconds"], 2),
-                               "top_heads": [list(t) for t in _top_heads(result)]}
+                               "top_heads": [list(t) for t in top_heads(result)]}
         paths = []
         for node in ("q", "k", "v") if args.nodes == "qkv" else (None,):
             figure = task_grid_figure(results, node=node)
@@ -308,26 +245,6 @@ def _cmd_attribute_heads(args: argparse.Namespace) -> int:
         print(f"  wrote {folder} ({', '.join(p.name for p in paths)})")
     (out / f"summary_{method}.json").write_text(json.dumps(summary, indent=2))
     return 0
-
-
-def _mean_of(arrays: list, name: str):
-    """The mean of several tasks' ``layer x component`` results (a component missing everywhere stays NaN)."""
-    import warnings
-
-    import numpy as np
-
-    from mechkit.results import LabelledArray
-
-    stack = np.stack([a.transpose("layer", "component").values.astype(float) for a in arrays])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns (a missing component) stay NaN
-        mean = np.nanmean(stack, axis=0)
-    first = arrays[0].transpose("layer", "component")
-    attrs = {key: first.attrs[key] for key in ("method", "normalised", "elementwise", "corruption") if key in first.attrs}
-    attrs.update(task=name, tasks=[a.attrs.get("task") for a in arrays],
-                 baseline={"metric": (first.attrs.get("baseline") or {}).get("metric")})
-    return LabelledArray(mean.astype(np.float32), first.axes, first.labels, name=f"{first.attrs.get('method')} component "
-                         f"attribution: mean of {len(arrays)} tasks", provenance=first.provenance, attrs=attrs)
 
 
 def _component_line(result) -> str:
@@ -347,6 +264,8 @@ def _cmd_attribute_components(args: argparse.Namespace) -> int:
     import matplotlib.pyplot as plt
 
     import mechkit
+    from mechkit.components.attribution import mean_over_tasks
+    from mechkit.data.tasks import select_tasks
     from mechkit.models import load_model
     from mechkit.viz import component_share_figure, save
 
@@ -371,7 +290,7 @@ def _cmd_attribute_components(args: argparse.Namespace) -> int:
         return 0
     if not args.task:
         raise MechkitError("give --task (a built-in task, 'all' or a .jsonl file), or --compare MODEL_B for a checkpoint diff")
-    tasks = _tasks(args.task, args.examples)
+    tasks = select_tasks(args.task, args.examples)
     method = _slug(args.method)
     kind = "raw" if args.raw else "shares"
     results = []
@@ -392,7 +311,7 @@ def _cmd_attribute_components(args: argparse.Namespace) -> int:
         note = f" clean {_baseline_text(baseline)}" if "clean" in baseline else ""
         print(f"  {task.name:<26}{note}  {_component_line(result)}")
     if len(results) > 1:
-        mean = _mean_of(results, f"mean of {len(results)} tasks")
+        mean = mean_over_tasks(results, f"mean of {len(results)} tasks")
         stem = folder / f"components_mean_{method}_{kind}"
         mean.save(stem.with_suffix(".npz"))
         plt.close(save_figure(component_share_figure(mean, title=f"Component attribution ({args.method}): {model_name}, "
@@ -484,6 +403,41 @@ def _cmd_function_heads(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_settings(pairs: list[str] | None) -> dict[str, dict]:
+    """``["head-attribution.examples=16", ...]`` -> ``{"head-attribution": {"examples": 16}}``; values are
+    read as JSON where they parse (numbers, lists, true/false), else kept as text."""
+    settings: dict[str, dict] = {}
+    for pair in pairs or []:
+        target, equals, value = pair.partition("=")
+        analysis, dot, key = target.partition(".")
+        if not equals or not dot or not analysis or not key:
+            raise MechkitError(f"--set takes ANALYSIS.SETTING=VALUE (e.g. head-attribution.examples=16), got {pair!r}")
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError:
+            parsed = value
+        settings.setdefault(analysis, {})[key] = parsed
+    return settings
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from mechkit.report import ALL, report
+
+    settings = parse_settings(args.set)
+    analyses = args.analysis or list(ALL)
+    unknown = [a for a in analyses if a not in ALL]
+    if unknown:
+        raise MechkitError(f"unknown analysis {unknown}; choose from {list(ALL)}")
+    if args.method:
+        if "head-attribution" not in analyses:
+            raise MechkitError("--method chooses the head-attribution method, but this report does not run "
+                               "head-attribution (add --analysis head-attribution)")
+        settings.setdefault("head-attribution", {})["method"] = args.method
+    report(args.model, args.out, analyses=analyses, settings=settings, force=args.force, progress=not args.quiet,
+           device=args.device)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mechkit", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -491,6 +445,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("models", help="list the models available offline")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(run=_cmd_models)
+
+    p = sub.add_parser("report", help="every analysis on one or more models: result files, figures and index.html")
+    p.add_argument("--model", action="append", required=True, help="model name or path (repeatable)")
+    p.add_argument("--out", required=True, help="report folder (re-running the same command reuses what is finished)")
+    p.add_argument("--analysis", action="append", help="run only these analyses (repeatable): layer-probes, "
+                   "jailbreak-probes, position-probes, head-classification, head-attribution, function-heads, "
+                   "component-attribution")
+    p.add_argument("--method", choices=["atp", "atp*", "patching", "dla"], help="head attribution method (default atp)")
+    p.add_argument("--set", action="append", metavar="ANALYSIS.SETTING=VALUE",
+                   help="override one setting, e.g. head-attribution.examples=16 (repeatable)")
+    p.add_argument("--force", action="store_true", help="recompute everything; write into a folder holding another run")
+    p.add_argument("--device", default=None, help="where to load the models (default: cuda when a GPU is there)")
+    p.add_argument("--quiet", action="store_true", help="no per-analysis progress bars")
+    p.set_defaults(run=_cmd_report)
 
     p = sub.add_parser("demo", help="top next tokens and an activation summary on a bundled model")
     p.add_argument("--model", default="gemma-3-270m")
@@ -528,7 +496,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("probe", help="linear probes by layer (several models) or by layer and position")
     p.add_argument("kind", choices=["layers", "positions"])
     p.add_argument("--model", action="append", required=True, help="model name or path (repeatable for layers)")
-    p.add_argument("--dataset", default="true_false", help=f"one of {BUILTIN_DATASETS} or a .csv/.tsv/.jsonl file")
+    p.add_argument("--dataset", default="true_false", help="one of true_false, sentiment, qa, jailbreak, "
+                   "jailbreak_by_template, harmful_vs_harmless, or a .csv/.tsv/.jsonl file")
     p.add_argument("--out", required=True)
     p.add_argument("--stream", action="append", choices=["resid_post", "attn_out", "mlp_out", "resid_pre"])
     p.add_argument("--metric", choices=["accuracy", "f1", "auc"], help="metric drawn (default f1 / auc)")

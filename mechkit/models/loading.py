@@ -330,6 +330,20 @@ def load_model(
     return bridge
 
 
+def check_model_name(name: str) -> None:
+    """Raise the unknown-model error now for a name :func:`load_model` could not load, without
+    loading anything (bundled, cached, a variant of a loadable base, a local path, a hub id)."""
+    name = str(name)
+    if name in BUNDLED or name in cached_models() or Path(name).expanduser().exists():
+        return
+    if (variant := split_variant(name)) is not None:
+        check_model_name(variant[0])
+        return
+    if ("/" in name and not name.startswith((".", "/", "~")) and name.count("/") == 1) or name in _tl_official_names():
+        return
+    raise unknown_model_error(name)
+
+
 def _tl_official_names() -> set[str]:
     """Hub names TransformerLens knows without an org prefix (e.g. ``gpt2``)."""
     try:

@@ -65,12 +65,13 @@ def position_probe_figure(scores: LabelledArray, *, metric: str = "auc", vmin: f
     """
     data = scores.sel(metric=metric).transpose("layer", "position")
     layers, positions = data.labels["layer"], data.labels["position"]
-    fig, (ax,) = new_figure(1, panel_size=(1.5 + 0.45 * len(positions), 1.2 + 0.16 * len(layers)))
+    label_height = 0.065 * max(len(str(p)) for p in positions)  # upright tick labels below the panel
+    fig, (ax,) = new_figure(1, panel_size=(1.5 + 0.45 * len(positions), 1.2 + 0.16 * len(layers) + label_height))
     ax.set_facecolor("#f0f0f0")
     image = ax.imshow(_masked(data.values), cmap="Blues", vmin=vmin, vmax=vmax, aspect="auto", origin="lower",
                       interpolation="nearest")
     ax.set_xticks(range(len(positions)))
-    ax.set_xticklabels([str(p) for p in positions], rotation=45, ha="right")
+    ax.set_xticklabels([str(p) for p in positions], rotation=90)  # upright boxes: long names never overlap
     ax.set_yticks(range(0, len(layers), tick_step(len(layers), 16)))
     ax.set_xlabel("Token")
     ax.set_ylabel("Layer")
