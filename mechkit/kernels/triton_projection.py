@@ -116,6 +116,20 @@ def _rank_kernel(Y, B, T, S, OUT, n, k_limit,
 
 @no_type_check  # Triton compiles these; the runtime shape checker must not wrap them
 @triton.jit
+def _score_tile(Y, B, rows, row_ok, cols, col_ok, sy_n, sb_r, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_K: tl.constexpr, IEEE: tl.constexpr, r: tl.constexpr):
+    """The (BLOCK_M, BLOCK_N) fp32 tile ``Y[rows] @ B[:, cols]`` (zeros outside the masks)."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in tl.static_range(0, r, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        y = tl.load(Y + rows[:, None] * sy_n + ks[None, :], mask=row_ok[:, None] & (ks[None, :] < r), other=0.0)
+        b = tl.load(B + ks[:, None] * sb_r + cols[None, :], mask=(ks[:, None] < r) & col_ok[None, :], other=0.0)
+        acc = _dot(y, b, acc, IEEE)
+    return acc
+
+
+@no_type_check  # Triton compiles these; the runtime shape checker must not wrap them
+@triton.jit
 def _sampled_max_kernel(Y, B, OUT, n,
                         sy_h, sy_n, sb_h, sb_r, so_h, so_s,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
@@ -130,12 +144,7 @@ def _sampled_max_kernel(Y, B, OUT, n,
     for j in range(SAMPLED):
         cols = j * EVERY * BLOCK_N + tl.arange(0, BLOCK_N)
         col_ok = cols < V
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in tl.static_range(0, r, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            y = tl.load(Y + rows[:, None] * sy_n + ks[None, :], mask=row_ok[:, None] & (ks[None, :] < r), other=0.0)
-            b = tl.load(B + ks[:, None] * sb_r + cols[None, :], mask=(ks[:, None] < r) & col_ok[None, :], other=0.0)
-            acc = _dot(y, b, acc, IEEE)
+        acc = _score_tile(Y, B, rows, row_ok, cols, col_ok, sy_n, sb_r, BLOCK_M, BLOCK_N, BLOCK_K, IEEE, r)
         best = tl.max(tl.where(col_ok[None, :], acc, float("-inf")), axis=1)
         tl.store(OUT + j * so_s + rows, best, mask=row_ok)
 
@@ -171,12 +180,7 @@ def _collect_kernel(Y, B, THRESH, OUT_S, OUT_I, COUNT, n,
     for c0 in range(0, V, BLOCK_N):
         cols = c0 + tl.arange(0, BLOCK_N)
         col_ok = cols < V
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in tl.static_range(0, r, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            y = tl.load(Y + rows[:, None] * sy_n + ks[None, :], mask=row_ok[:, None] & (ks[None, :] < r), other=0.0)
-            b = tl.load(B + ks[:, None] * sb_r + cols[None, :], mask=(ks[:, None] < r) & col_ok[None, :], other=0.0)
-            acc = _dot(y, b, acc, IEEE)
+        acc = _score_tile(Y, B, rows, row_ok, cols, col_ok, sy_n, sb_r, BLOCK_M, BLOCK_N, BLOCK_K, IEEE, r)
         keep = (acc >= thresh[:, None]) & col_ok[None, :]
         if LANE_CAP > 0:
             write = keep & (held < LANE_CAP)
