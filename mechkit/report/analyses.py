@@ -288,7 +288,7 @@ ANALYSES: dict[str, Analysis] = {a.name: a for a in [
     Analysis("jailbreak-probes", "Layer probing: jailbreak prompts, with abliterated variants", False,
              {"n": 48, "streams": ["resid_post", "attn_out"], "control": 2, "abliterated": True}, _jailbreak_probes),
     Analysis("position-probes", "Position probing by layer and token", True,
-             {"dataset": "qa", "per_type": 12, "control": 2, "min_examples": 20}, _position_probes),
+             {"dataset": "qa", "per_type": 24, "control": 2, "min_examples": 20}, _position_probes),
     Analysis("head-classification", "Head classification from the weights (MAPS)", True,
              {"k": None}, _head_classification),
     Analysis("head-attribution", "Head attribution per task", True,
