@@ -52,7 +52,7 @@ def check_features(X: Tensor, y: Tensor) -> None:
         raise MechkitError(f"features must be (cell, example, feature), got shape {tuple(X.shape)}")
     if y.ndim != 1 or y.shape[0] != X.shape[1]:
         raise MechkitError(f"labels must be one per example: {X.shape[1]} examples but labels of shape {tuple(y.shape)}")
-    if not torch.isfinite(X).all():
+    if not torch.isfinite(X.sum(dtype=torch.float64)):  # one pass; a NaN or inf anywhere makes the sum non-finite
         bad = (~torch.isfinite(X)).any(-1).any(-1).nonzero()[:, 0].tolist()
         raise MechkitError(f"features contain NaN or infinite values (cells {bad[:10]}); check the activations")
     classes = torch.unique(y)
@@ -142,8 +142,8 @@ def fit_probes(
         return BatchedProbe(*(torch.cat([getattr(p, f) for p in parts]) for f in ("weight", "bias", "mean", "scale")),
                             max(p.iterations for p in parts))
     X = X.float()
-    mean = X.mean(1)
-    scale = X.std(1, unbiased=False).clamp_min(1e-12)
+    std, mean = torch.std_mean(X, dim=1, unbiased=False)
+    scale = std.clamp_min(1e-12)
     Z = (X - mean[:, None]) / scale[:, None]
     cells, n, d = Z.shape
     basis = None
