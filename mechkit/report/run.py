@@ -167,6 +167,12 @@ def report(
         page.unlink()  # a folder with an index.html holds a finished report; this one is not, yet
     base = {"mechkit": versions()["mechkit"], "data": _data_hash()}
     identities = {m: _model_identity(m) for m in models}
+    folders: dict[str, str] = {}  # model -> its sub-folder name, unique even for two folders named alike
+    for m in models:
+        name, n = slug(m), 2
+        while name in folders.values():
+            name, n = f"{slug(m)}-{n}", n + 1
+        folders[m] = name
     units = [(a, [m]) for a in chosen if ANALYSES[a].per_model for m in models] + \
             [(a, models) for a in chosen if not ANALYSES[a].per_model]
     units.sort(key=lambda unit: chosen.index(unit[0]))
@@ -190,7 +196,7 @@ def report(
     try:
         _write_atomic(out / MANIFEST, json.dumps(manifest, indent=1))
         for i, (analysis, unit_models) in enumerate(units, 1):
-            label = f"{analysis}/{slug(unit_models[0]) if len(unit_models) == 1 and ANALYSES[analysis].per_model else 'all'}"
+            label = f"{analysis}/{folders[unit_models[0]] if ANALYSES[analysis].per_model else 'all'}"
             folder = out / label
             key = _key({**base, "analysis": analysis, "models": [identities[m] for m in unit_models],
                         "settings": settings[analysis], "files": _file_digests(settings[analysis])})
