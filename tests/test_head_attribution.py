@@ -222,3 +222,29 @@ def test_qkv_nodes_refuse_what_they_cannot_do(planted):
         attribute_heads(planted, copy_task(), "atp", nodes="qkv", corruption="mean", progress=False)
     with pytest.raises(MechkitError, match="nodes must be"):
         attribute_heads(planted, copy_task(), "atp", nodes="heads")
+
+
+def test_atp_takes_its_baseline_from_its_own_runs_and_equals_the_separate_computation():
+    """AtP with paired corruption reuses its clean and corrupted runs for the task baseline: same
+    scores and same baseline as caching, differentiating and ``task_metric`` separately."""
+    import numpy as np
+
+    import mechkit.heads.attribution as attribution
+    from mechkit.data.tasks import Task
+    from mechkit.models.synthetic import tiny_model, word_vocabulary
+
+    w = word_vocabulary(60)
+    model = tiny_model("llama", n_layers=3, d_model=32, n_heads=4, d_mlp=64, n_kv_heads=2)
+    task = Task("t", tuple(f"{w[i]} {w[i + 1]} {w[i + 2]}" for i in range(10)), tuple(" " + w[20 + i] for i in range(10)),
+                tuple(f"{w[i + 1]} {w[i]} {w[i + 2]}" for i in range(10)), tuple(" " + w[40 + i] for i in range(10)))
+    fast = attribution.attribute_heads(model, task, "atp", batch_size=4, progress=False)
+    tok = attribution.tokenise_task(model, task)
+    per_example = torch.zeros(3, 4, len(tok.kept))
+    for batch in attribution.task_batches(tok, 4):
+        per_example[..., batch.index] = attribution._atp(attribution._cache_z(model, batch.clean),
+                                                         attribution._cache_z(model, batch.corrupted),
+                                                         attribution._gradients(model, batch))
+    np.testing.assert_allclose(fast.values, per_example.mean(-1).numpy(), rtol=1e-6, atol=1e-7)
+    separate = attribution.task_metric(model, task, batch_size=4)
+    for key in ("clean", "ci", "corrupted", "significant", "n"):
+        assert fast.attrs["baseline"][key] == pytest.approx(separate[key]), key

@@ -140,6 +140,28 @@ def _gradients(model, batch: TaskBatch, drop_layer: int | None = None) -> list[T
     return [grads[n] for n in names]
 
 
+def _atp_paired(model, batch: TaskBatch) -> tuple[Tensor, Tensor, Tensor]:
+    """AtP with paired corruption from one clean forward and backward and one corrupted forward,
+    which also give the batch's clean and corrupted metric (the task baseline), so that nothing
+    runs twice: ``(scores (layer, head, batch), clean metric, corrupted metric)``."""
+    names = [_z_name(l) for l in range(model.cfg.n_layers)]
+    clean: dict[str, Tensor] = {}
+    clean_metric, grads = metric_gradients(model, batch, names, capture=clean)
+    corrupted: dict[str, Tensor] = {}
+
+    def grab(name):
+        def hook(x, hook):
+            corrupted[name] = x.detach()
+            return x
+        return hook
+
+    with torch.no_grad():
+        corrupted_metric = metric(batch, run_to_logits(model, batch.corrupted, metric_positions(batch),
+                                                       fwd_hooks=[(n, grab(n)) for n in names]))
+    scores = _atp([clean[n] for n in names], [corrupted[n] for n in names], [grads[n] for n in names])
+    return scores, clean_metric, corrupted_metric
+
+
 def _atp(clean_z, corrupt_z, grads) -> Tensor:
     """``(z_clean - z_corrupt) . grad`` summed over positions and d_head: ``(layer, head, batch)``."""
     return torch.stack([einsum(c - x, g, "b p h d, b p h d -> h b") for c, x, g in zip(clean_z, corrupt_z, grads)]).cpu()
@@ -189,6 +211,11 @@ def task_metric(model, task: Task | str, *, batch_size: int = 32, seed: int = 0)
             clean[batch.index] = metric(batch, run_to_logits(model, batch.clean, metric_positions(batch))).cpu().numpy()
             if corrupted is not None:
                 corrupted[batch.index] = metric(batch, run_to_logits(model, batch.corrupted, metric_positions(batch))).cpu().numpy()
+    return _summarise_metric(task, tok, clean, corrupted, seed)
+
+
+def _summarise_metric(task: Task, tok, clean: np.ndarray, corrupted: np.ndarray | None, seed: int) -> dict:
+    """:func:`task_metric`'s dict from the per-example clean (and corrupted) metric."""
     low, high = bootstrap_interval(clean, seed=seed)
     return {"task": task.name, "metric": "logit_diff" if task.paired else "answer_logprob",
             "n": len(tok.kept), "dropped": {str(i): why for i, why in tok.dropped.items()},
@@ -274,7 +301,17 @@ def attribute_heads(
     work = len(tok.kept) * (sum(map(len, head_lists.values())) if method in ("patching", "mean_ablation", "zero_ablation")
                             else cfg.n_layers if method == "atp*" else 1)
     bar = tqdm(total=work, desc=f"{method} on {task.name}", unit="run", disable=not progress)
+    # AtP with paired corruption runs the clean and corrupted prompts anyway: the baseline comes from those runs.
+    reuse = method == "atp" and nodes == "z" and corruption == "paired"
+    clean_values, corrupted_values = np.zeros(len(tok.kept)), np.zeros(len(tok.kept))
     for batch in task_batches(tok, batch_size):
+        if reuse:
+            scores, clean_metric, corrupted_metric = _atp_paired(model, batch)
+            per_example[..., batch.index] = scores
+            clean_values[batch.index] = clean_metric.cpu().numpy()
+            corrupted_values[batch.index] = corrupted_metric.cpu().numpy()
+            bar.update(len(batch))
+            continue
         if nodes == "qkv":
             per_example[..., batch.index] = qkv_nodes.node_scores(model, batch, method, corruption, layer_list, bar)
             continue
@@ -307,7 +344,10 @@ def attribute_heads(
         for layer, head in heads:
             chosen[layer, head] = True
         values = torch.where(chosen[layer_list], values, torch.full_like(values, float("nan")))
-    baseline = task_metric(model, task, batch_size=batch_size, seed=seed)
+    if reuse:
+        baseline = _summarise_metric(task, tok, clean_values, corrupted_values, seed)
+    else:
+        baseline = task_metric(model, task, batch_size=batch_size, seed=seed)
     baseline.pop("per_example")
     settings = dict(method=method, corruption=None if method == "dla" else corruption,
                     magnitude=bool(magnitude or method == "atp*"), layers=layer_list, nodes=nodes,

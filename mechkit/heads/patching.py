@@ -145,15 +145,17 @@ def cache_activations(model, tokens: Tensor, names) -> dict[str, Tensor]:
 
 
 def metric_gradients(model, batch: TaskBatch, names: Sequence[str], *,
-                     drop_layer: int | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+                     drop_layer: int | None = None, capture: dict | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """Per-example clean metric and d(sum of metric)/dx at each hook in ``names``, through zero
     leaves added there (so every path stays in the graph). With ``drop_layer`` no gradient flows
     through that layer's attention and MLP outputs (AtP*'s GradDrop). Raises when the metric is
-    constant in all of them."""
+    constant in all of them. ``capture``, if given, receives each hook's (clean) activation."""
     deltas: dict[str, Tensor] = {}
 
     def leaf(name):
         def hook(x, hook):
+            if capture is not None:
+                capture[name] = x.detach()
             deltas[name] = torch.zeros_like(x, requires_grad=True)
             return x + deltas[name]
         return hook
