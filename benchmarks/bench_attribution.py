@@ -9,7 +9,9 @@ For each bundled model and each built-in task, in one process:
   ``magnitude=True`` (mean |effect| per example, what AtP* estimates), ``"atp"``, ``"atp"`` with
   ``magnitude=True`` and ``"atp*"``, each timed by the result's ``attrs["seconds"]`` (this
   includes the ``task_metric`` baseline that ``attribute_heads`` computes for its attrs; the
-  "net" speed-ups subtract the baseline's time, measured separately by this script; the "CPU"
+  "net" speed-ups subtract the baseline's time, measured separately by this script, from each method
+  that computes it separately (AtP on a paired task takes it from its own clean and corrupted runs,
+  so nothing is subtracted from AtP there); the "CPU"
   speed-ups use this process's CPU time around each call, less sensitive to other load);
 * Spearman correlations over all ``layer x head`` scores: AtP vs patching (signed), |AtP| vs
   |patching| (both ``magnitude=True``), AtP* vs |patching|; recall of patching's top-10 heads
@@ -110,6 +112,8 @@ def run_task(model, model_name: str, full: Task, examples: int | None, batch_siz
         "ci": base["ci"], "significant": base["significant"], "corrupted": base["corrupted"],
         "attributed_n": attributed["n"], "attributed_clean": attributed["clean"], "attributed_ci": attributed["ci"],
         "baseline_seconds": t_base,
+        # AtP with paired corruption takes the baseline from its own clean and corrupted runs (nothing to subtract)
+        "atp_own_baseline": base["corrupted"] is not None,
         "rho_atp": spearman(scores["atp"], scores["patching"]),
         "rho_atp_abs": spearman(scores["atp_abs"], scores["patching_abs"]),
         "rho_atp_star": spearman(scores["atp_star"], scores["patching_abs"]),
@@ -143,23 +147,25 @@ def table(model_name: str, rows: list[dict]) -> None:
         t = {k: timing(r, k) for k in ("patching", "atp", "atp_star")}
         c = {k: timing(r, k, "cpu_seconds") for k in ("patching", "atp", "atp_star")}
         b = r["baseline_seconds"]
+        b_atp = 0.0 if r.get("atp_own_baseline", False) else b
         body.append([r["task"], f"{r['n']}/{r['dropped']}", f"{r['clean']:.2f} [{r['ci'][0]:.2f}, {r['ci'][1]:.2f}]",
                      "yes" if r["significant"] else "NO", r["attributed_n"], f"{r['rho_atp']:.3f}",
                      f"{r['rho_atp_abs']:.3f}", f"{r['rho_atp_star']:.3f}", f"{r['recall_atp']:.1f}",
                      f"{r['recall_atp_star']:.1f}", f"{t['patching']:.1f}", f"{t['atp']:.1f}", f"{t['atp_star']:.1f}",
                      fmt_ratio(t["patching"], t["atp"]), fmt_ratio(t["patching"], t["atp_star"]),
-                     fmt_ratio(t["patching"] - b, t["atp"] - b),
+                     fmt_ratio(t["patching"] - b, t["atp"] - b_atp),
                      fmt_ratio(c["patching"], c["atp"]), fmt_ratio(c["patching"], c["atp_star"])])
     mean = lambda key: float(np.mean([r[key] for r in rows]))
     total = lambda key, clock="seconds": float(sum(timing(r, key, clock) for r in rows))
     base = float(sum(r["baseline_seconds"] for r in rows))
+    base_atp = float(sum(r["baseline_seconds"] for r in rows if not r.get("atp_own_baseline", False)))
     body.append(["mean", f"{sum(r['n'] for r in rows)}/{sum(r['dropped'] for r in rows)}", "-",
                  f"{sum(bool(r['significant']) for r in rows)}/{len(rows)}", sum(r["attributed_n"] for r in rows),
                  f"{mean('rho_atp'):.3f}", f"{mean('rho_atp_abs'):.3f}", f"{mean('rho_atp_star'):.3f}",
                  f"{mean('recall_atp'):.2f}", f"{mean('recall_atp_star'):.2f}", f"{total('patching') / len(rows):.1f}",
                  f"{total('atp') / len(rows):.1f}", f"{total('atp_star') / len(rows):.1f}",
                  fmt_ratio(total("patching"), total("atp")), fmt_ratio(total("patching"), total("atp_star")),
-                 fmt_ratio(total("patching") - base, total("atp") - base),
+                 fmt_ratio(total("patching") - base, total("atp") - base_atp),
                  fmt_ratio(total("patching", "cpu_seconds"), total("atp", "cpu_seconds")),
                  fmt_ratio(total("patching", "cpu_seconds"), total("atp_star", "cpu_seconds"))])
     print(f"\n{model_name}: kept/drop, clean LD, excl. 0 = the baseline on every example of the task; attributed = "
