@@ -100,12 +100,27 @@ class _LogisticObjective:
         return loss, grad
 
 
-def _solve_batched(Z: Tensor, target: Tensor, sample_weight: Tensor, C: float, *, max_iter: int,
-                   tol: float) -> tuple[Tensor, Tensor]:
+def _solve(Z: Tensor, target: Tensor, sample_weight: Tensor, C: float, *, solver: str, max_iter: int,
+           tol: float) -> tuple[Tensor, int]:
+    """Parameters ``(cell, width + 1)`` (weights, then bias) and the iterations of the slowest cell."""
     objective = _LogisticObjective(Z, target, sample_weight, C)
     x0 = Z.new_zeros(Z.shape[0], Z.shape[2] + 1)
-    return batched_lbfgs(objective, x0, compact=objective.compact, max_iter=max_iter, tol=tol, ftol=FTOL,
-                         history=HISTORY)
+    if solver == "batched":
+        params, iterations = batched_lbfgs(objective, x0, compact=objective.compact, max_iter=max_iter, tol=tol,
+                                           ftol=FTOL, history=HISTORY)
+        return params, int(iterations.max())
+    params = x0
+    params.grad = torch.zeros_like(params)
+    optimiser = torch.optim.LBFGS([params], lr=1, max_iter=max_iter, tolerance_grad=tol, tolerance_change=1e-10,
+                                  history_size=20, line_search_fn="strong_wolfe")
+
+    def summed():  # the sum of the cells' objectives: one problem for torch.optim
+        loss, grad = objective(params, None)
+        params.grad.copy_(grad)
+        return loss.sum()
+
+    optimiser.step(summed)
+    return params, int(optimiser.state[optimiser._params[0]].get("n_iter", 0))
 
 
 def fit_probes(
@@ -118,7 +133,6 @@ def fit_probes(
     tol: float = 1e-5,
     group_size: int | None = None,
     solver: str = "batched",
-    _checked: bool = False,
 ) -> BatchedProbe:
     """Fit one logistic-regression probe per cell, ``group_size`` cells per solve (default: all cells
     on a GPU; on the CPU as many as :data:`CPU_GROUP_BYTES` holds).
@@ -128,24 +142,28 @@ def fit_probes(
     ``solver="torch"`` is ``torch.optim.LBFGS`` on the summed objective (every cell in a solve
     runs until the slowest converges; kept for the benchmark's comparison).
     """
-    if not _checked:
-        check_features(X, y)
+    check_features(X, y)
     if solver not in ("batched", "torch"):
         raise MechkitError(f"solver must be 'batched' or 'torch', got {solver!r}")
     if group_size is None:  # GPU: every cell at once; CPU: as many cells as keep their data in cache
         n, d = X.shape[1], X.shape[2]
         width = n if 2 * n < d else d
         group_size = X.shape[0] if X.device.type == "cuda" else max(1, CPU_GROUP_BYTES // (8 * n * width))
-    if group_size < X.shape[0]:
-        parts = [fit_probes(X[s:s + group_size], y, C=C, balanced=balanced, max_iter=max_iter, tol=tol,
-                            group_size=group_size, solver=solver, _checked=True) for s in range(0, X.shape[0], group_size)]
-        return BatchedProbe(*(torch.cat([getattr(p, f) for p in parts]) for f in ("weight", "bias", "mean", "scale")),
-                            max(p.iterations for p in parts))
+    parts = [_fit_group(X[s:s + group_size], y, C=C, balanced=balanced, max_iter=max_iter, tol=tol, solver=solver)
+             for s in range(0, X.shape[0], group_size)]
+    if len(parts) == 1:
+        return parts[0]
+    return BatchedProbe(*(torch.cat([getattr(p, f) for p in parts]) for f in ("weight", "bias", "mean", "scale")),
+                        max(p.iterations for p in parts))
+
+
+def _fit_group(X: Tensor, y: Tensor, *, C: float, balanced: bool, max_iter: int, tol: float, solver: str) -> BatchedProbe:
+    """The probes of one group of cells, solved together."""
     X = X.float()
     std, mean = torch.std_mean(X, dim=1, unbiased=False)
     scale = std.clamp_min(1e-12)
     Z = (X - mean[:, None]) / scale[:, None]
-    cells, n, d = Z.shape
+    n, d = Z.shape[1], Z.shape[2]
     basis = None
     if 2 * n < d:  # the optimum lies in the span of the (centred) training rows: solve there, exactly
         basis, _ = torch.linalg.qr(Z.transpose(1, 2))  # (cell, d, n), orthonormal columns
@@ -156,32 +174,8 @@ def fit_probes(
         for c in (0, 1):
             sample_weight[y == c] = len(y) / (2 * int((y == c).sum()))
     width = Z.shape[2]
-    if solver == "batched":
-        params, iterations = _solve_batched(Z, target, sample_weight, C, max_iter=max_iter, tol=tol)
-        weight = params[:, :width]
-        if basis is not None:
-            weight = torch.bmm(basis, weight[:, :, None])[..., 0]
-        return BatchedProbe(weight.contiguous(), params[:, width].clone(), mean, scale, int(iterations.max()))
-    params = torch.zeros(cells, width + 1)
-    params.grad = torch.zeros_like(params)
-    optimiser = torch.optim.LBFGS([params], lr=1, max_iter=max_iter, tolerance_grad=tol, tolerance_change=1e-10,
-                                  history_size=20, line_search_fn="strong_wolfe")
-    Zt = Z.transpose(1, 2).contiguous()
-
-    def objective():
-        # Loss and gradient by hand (two batched matmuls), no autograd graph per evaluation.
-        w, b = params[:, :width], params[:, width:]
-        logits = torch.bmm(Z, w[:, :, None])[..., 0] + b
-        loss = C * (sample_weight * torch.nn.functional.binary_cross_entropy_with_logits(
-            logits, target.expand_as(logits), reduction="none")).sum() + 0.5 * (w**2).sum()
-        residual = C * sample_weight * (torch.sigmoid(logits) - target)  # (cell, n)
-        params.grad[:, :width] = torch.bmm(Zt, residual[:, :, None])[..., 0] + w
-        params.grad[:, width] = residual.sum(1)
-        return loss
-
-    optimiser.step(objective)
-    iterations = optimiser.state[optimiser._params[0]].get("n_iter", 0)
-    weight = params[:, :width]
+    params, iterations = _solve(Z, target, sample_weight, C, solver=solver, max_iter=max_iter, tol=tol)
+    weight = params[:, :width].detach()
     if basis is not None:
         weight = torch.bmm(basis, weight[:, :, None])[..., 0]
-    return BatchedProbe(weight.clone(), params[:, width].clone(), mean, scale, int(iterations))
+    return BatchedProbe(weight.contiguous().clone(), params[:, width].detach().clone(), mean, scale, iterations)
