@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from mechkit.errors import MechkitError
-from mechkit.report.analyses import ANALYSES, Unit, resolve_settings
+from mechkit.report.analyses import ANALYSES, Unit, display_name, resolve_settings
 from mechkit.report.page import index_html
 
 ALL = tuple(ANALYSES)
@@ -32,8 +32,7 @@ MANIFEST = "report.json"
 
 def slug(text: str) -> str:
     """A file-name-safe form of a model name (a path keeps its last part)."""
-    text = Path(text).name if ("/" in text or os.sep in text) and Path(text).exists() else text
-    return "".join(c if c.isalnum() or c in "-_.+" else "_" for c in text).strip("_") or "model"
+    return "".join(c if c.isalnum() or c in "-_.+" else "_" for c in display_name(text)).strip("_") or "model"
 
 
 def _data_hash() -> str:
@@ -165,7 +164,8 @@ def report(
     page = out / "index.html"
     if page.exists():
         page.unlink()  # a folder with an index.html holds a finished report; this one is not, yet
-    base = {"mechkit": versions()["mechkit"], "data": _data_hash()}
+    run_versions = versions()
+    base = {"mechkit": run_versions["mechkit"], "data": _data_hash()}
     identities = {m: _model_identity(m) for m in models}
     folders: dict[str, str] = {}  # model -> its sub-folder name, unique even for two folders named alike
     for m in models:
@@ -176,7 +176,7 @@ def report(
     units = [(a, [m]) for a in chosen if ANALYSES[a].per_model for m in models] + \
             [(a, models) for a in chosen if not ANALYSES[a].per_model]
     units.sort(key=lambda unit: chosen.index(unit[0]))
-    manifest = {"models": models, "analyses": chosen, "settings": settings, "versions": versions(), "status": "running",
+    manifest = {"models": models, "analyses": chosen, "settings": settings, "versions": run_versions, "status": "running",
                 "units": {}, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
     if old:
         manifest["units"] = {k: v for k, v in old.get("units", {}).items() if k.split("/")[0] in chosen}
