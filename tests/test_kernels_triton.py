@@ -125,16 +125,64 @@ def test_triton_topk_collects_again_where_the_tight_threshold_lets_too_few_throu
     assert set(index[0, 0].tolist()) == {3, 4 * block_n + 3, 8 * block_n + 3, 12 * block_n + 3, 2 * block_n + 7}
 
 
-@pytest.mark.parametrize(("seed", "config"), [(0, dict(lane_cap=0)), (1, dict(lane_cap=0, margin=1.0)),
-                                             (2, dict(lane_cap=2)), (3, dict(lane_cap=1, margin=1.5))])
+@pytest.mark.parametrize(("seed", "config"), [(0, dict()), (1, dict(margin=1.0)), (2, dict(margin=3.0, every=3, block_m=32)),
+                                             (3, dict(chunk=16, block_r=16)), (4, dict(every=2, block_n=32))])
 def test_triton_topk_over_a_sampled_vocabulary_matches_the_reference(seed, config):
     from mechkit.kernels.triton_projection import topk_triton
 
+    # 65 column tiles of 64: three words of flags per row; chunk=16 splits the rows over three
+    # chunks and scores a tile's flagged rows in several blocks
     Y, B, _ = _inputs(seed, heads=3, n=37, r=24, vocab=4099, dtype=torch.float32)
-    scores, index = topk_triton(Y, B, 7, config=config)  # both buffer layouts, tight and loose thresholds
+    timings: dict = {}
+    scores, index = topk_triton(Y, B, 7, config=config, timings=timings)
     ref_scores, ref_index = projection_topk(Y, B, 7, backend="reference")
     torch.testing.assert_close(scores, ref_scores, rtol=1e-5, atol=1e-5)
     assert (index == ref_index).float().mean() >= 0.99
+    if config.get("margin") == 3.0:  # (pick = k here: the threshold is safe, no row needs a second round)
+        assert timings["redone rows"] == 0
+
+
+def test_triton_topk_where_every_row_wants_the_same_tile():
+    """A skewed vocabulary (as real heads have: a few tokens score high for every source): one tile
+    flagged by every row, so the gather pass scores it for whole chunks, block after block."""
+    from mechkit.kernels.triton_projection import topk_triton
+
+    Y, B, _ = _inputs(5, heads=2, n=70, r=16, vocab=2500, dtype=torch.float32)
+    Y = Y.abs()
+    B[:, :, 100:140] = B[:, :, 100:140].abs() + 3.0  # columns 100-139 beat every other column for every row
+    timings: dict = {}
+    scores, index = topk_triton(Y, B, 9, config=dict(chunk=32, block_r=16), timings=timings)
+    ref_scores, ref_index = projection_topk(Y, B, 9, backend="reference")
+    assert ((index >= 100) & (index < 140)).all()
+    assert torch.equal(index.cpu(), ref_index.cpu())
+    torch.testing.assert_close(scores, ref_scores, rtol=1e-5, atol=1e-5)
+
+
+def test_the_flag_pass_marks_exactly_the_tiles_that_reach_each_rows_threshold():
+    """Pass 1 on its own against torch: the threshold is the pick-th largest of the sampled tile
+    maxima, and a tile is flagged exactly when its maximum reaches it (tiles within float rounding
+    of the threshold are not judged)."""
+    import triton
+
+    from mechkit.kernels.triton_projection import TOPK_CONFIG, _flag_pass
+
+    g = torch.Generator().manual_seed(3)
+    H, n, r, V, block_n, every, pick = 2, 21, 24, 2900, 32, 3, 5
+    Y = torch.randn(H, n, r, generator=g).to(DEVICE)
+    B = torch.randn(H, r, V, generator=g).to(DEVICE)
+    tiles = triton.cdiv(V, block_n)  # 91 tiles: three words of flags
+    flags, thresh = _flag_pass(Y, B, pick, {**TOPK_CONFIG, "block_m": 16, "block_n": block_n, "every": every})
+    scores = (Y.double() @ B.double()).cpu()
+    padded = torch.nn.functional.pad(scores, (0, tiles * block_n - V), value=float("-inf"))
+    tile_max = padded.view(H, n, tiles, block_n).amax(-1)
+    expected = tile_max[..., ::every].topk(pick, dim=-1).values[..., -1]
+    torch.testing.assert_close(thresh.cpu().double(), expected, rtol=1e-5, atol=1e-5)
+    bits = (flags.cpu()[:, :, None, :] >> torch.arange(32)[None, None, :, None]) & 1  # (H, word, bit, n)
+    flagged = bits.reshape(H, -1, n)[:, :tiles].permute(0, 2, 1).bool()
+    clear = (tile_max - expected[..., None]).abs() > 1e-4
+    assert torch.equal(flagged[clear], (tile_max >= expected[..., None])[clear])
+    # each row flags (at least) the tiles of its pick largest sampled maxima, the one at the threshold included
+    assert (flagged[..., ::every].sum(-1) >= pick).all()
 
 
 def test_requesting_triton_without_a_gpu_falls_back_with_a_notice(monkeypatch):

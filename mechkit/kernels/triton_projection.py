@@ -12,12 +12,15 @@ in place and streams ``B`` through in column tiles, so memory is O(n) besides ``
   ``k``, a row block stops as soon as every row has seen ``k`` larger scores; column
   tiles are visited in a scrambled order (a fixed stride coprime to the tile count) so
   that frequent and rare tokens alike are seen early.
-* :func:`topk_triton`: a threshold per row from the maxima of a strided sample of column tiles,
-  then one kernel pass that appends only the scores at or above it to a per-row buffer (slots
-  from an atomic add on the row's counter), and a top-k over those few. (Earlier versions: a
-  running top-k merged tile by tile with a bitonic sort ran at 0.3% of the H100's bf16 rate;
-  placing candidates with a per-tile prefix sum, at 3%.) Ties go to the lower index, as in the
-  reference.
+* :func:`topk_triton`: two passes. The flag pass takes a threshold per row from the maxima of
+  a strided sample of column tiles, then marks in a per-row bitmask the tiles whose maximum
+  reaches it (one max per score; one store per row every 32 tiles). The gather pass scores only
+  the marked (row, tile) pairs again, grouped by tile, and appends the scores at or above the
+  threshold to a per-row buffer; a top-k over those few follows. Ties go to the lower index, as
+  in the reference. (Earlier versions, on an H100: a running top-k merged tile by tile with a
+  bitonic sort, 0.3% of the bf16 rate; candidates placed with a per-tile prefix sum, 3%; one
+  collecting pass storing each hit from its tile, 7.4%: its per-score predicated stores, and
+  the shared memory that allowed one program per multiprocessor, bounded it.)
 
 Runs on CUDA GPUs, and on the CPU under ``TRITON_INTERPRET=1`` (slow, for tests).
 """
@@ -116,95 +119,110 @@ def _rank_kernel(Y, B, T, S, OUT, n, k_limit,
 
 @no_type_check  # Triton compiles these; the runtime shape checker must not wrap them
 @triton.jit
-def _score_tile(Y, B, rows, row_ok, cols, col_ok, sy_n, sb_r, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                BLOCK_K: tl.constexpr, IEEE: tl.constexpr, r: tl.constexpr):
-    """The (BLOCK_M, BLOCK_N) fp32 tile ``Y[rows] @ B[:, cols]`` (zeros outside the masks)."""
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in tl.static_range(0, r, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        y = tl.load(Y + rows[:, None] * sy_n + ks[None, :], mask=row_ok[:, None] & (ks[None, :] < r), other=0.0)
-        b = tl.load(B + ks[:, None] * sb_r + cols[None, :], mask=(ks[:, None] < r) & col_ok[None, :], other=0.0)
-        acc = _dot(y, b, acc, IEEE)
-    return acc
+def _tile_max(y, B, ks, cols, sb_r, r: tl.constexpr, V: tl.constexpr, IEEE: tl.constexpr):
+    """Each row's largest score in the column tile ``cols`` (``y`` is the resident row block)."""
+    col_ok = cols < V
+    b = tl.load(B + ks[:, None] * sb_r + cols[None, :], mask=(ks[:, None] < r) & col_ok[None, :], other=0.0)
+    acc = _dot(y, b, tl.zeros((y.shape[0], cols.shape[0]), dtype=tl.float32), IEEE)
+    return tl.max(tl.where(col_ok[None, :], acc, float("-inf")), axis=1)
 
 
 @no_type_check  # Triton compiles these; the runtime shape checker must not wrap them
 @triton.jit
-def _sampled_max_kernel(Y, B, OUT, n,
-                        sy_h, sy_n, sb_h, sb_r, so_h, so_s,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
-                        r: tl.constexpr, V: tl.constexpr, EVERY: tl.constexpr, SAMPLED: tl.constexpr):
-    """OUT[h, j, i] = the largest score of row i of Y[h] @ B[h] in column tile j * EVERY."""
+def _flag_kernel(Y, B, FLAGS, THRESH, n,
+                 sy_h, sy_n, sb_h, sb_r, sf_h, sf_w, st_h,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr, IEEE: tl.constexpr,
+                 r: tl.constexpr, V: tl.constexpr, EVERY: tl.constexpr, PICK: tl.constexpr, SLOTS: tl.constexpr):
+    """Pass 1 of the top-k: per row, a threshold and a bitmask of the column tiles that reach it.
+
+    The row block stays resident. First every ``EVERY``-th column tile is scored and each row
+    keeps the ``PICK`` largest tile maxima in registers; the smallest of them is the row's
+    threshold THRESH[h, i] (at least PICK scores reach it). Then every tile is scored and bit
+    ``j % 32`` of FLAGS[h, j // 32, i] says whether tile j's maximum reaches the threshold.
+    The per-score work is one max; stores happen once per row every 32 tiles."""
     pid, head = tl.program_id(0), tl.program_id(1)
     Y += head.to(tl.int64) * sy_h  # the head's offset on the scalar base keeps the tile offsets int32
     B += head.to(tl.int64) * sb_h
-    OUT += head.to(tl.int64) * so_h
+    FLAGS += head.to(tl.int64) * sf_h
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < n
-    for j in range(SAMPLED):
-        cols = j * EVERY * BLOCK_N + tl.arange(0, BLOCK_N)
-        col_ok = cols < V
-        acc = _score_tile(Y, B, rows, row_ok, cols, col_ok, sy_n, sb_r, BLOCK_M, BLOCK_N, BLOCK_K, IEEE, r)
-        best = tl.max(tl.where(col_ok[None, :], acc, float("-inf")), axis=1)
-        tl.store(OUT + j * so_s + rows, best, mask=row_ok)
+    ks = tl.arange(0, R_PAD)
+    y = tl.load(Y + rows[:, None] * sy_n + ks[None, :], mask=row_ok[:, None] & (ks[None, :] < r), other=0.0)
+    n_tiles: tl.constexpr = (V + BLOCK_N - 1) // BLOCK_N
+    sampled: tl.constexpr = (n_tiles + EVERY - 1) // EVERY
+    slot = tl.arange(0, SLOTS)[None, :]
+    # slots past PICK hold +inf so that they are never the smallest and never replaced
+    best = tl.where(slot < PICK, float("-inf"), float("inf")) + tl.zeros((BLOCK_M, SLOTS), dtype=tl.float32)
+    for s in range(sampled):
+        top = _tile_max(y, B, ks, s * EVERY * BLOCK_N + tl.arange(0, BLOCK_N), sb_r, r, V, IEEE)
+        low = tl.min(best, axis=1)
+        at = tl.argmin(best, axis=1)
+        best = tl.where((slot == at[:, None]) & (top > low)[:, None], top[:, None], best)
+    thresh = tl.min(best, axis=1)
+    tl.store(THRESH + head * st_h + rows, thresh, mask=row_ok)
+    bits = tl.zeros((BLOCK_M,), dtype=tl.int32)
+    for j in range(n_tiles):
+        top = _tile_max(y, B, ks, j * BLOCK_N + tl.arange(0, BLOCK_N), sb_r, r, V, IEEE)
+        bits |= (top >= thresh).to(tl.int32) << (j % 32)
+        if (j % 32 == 31) | (j == n_tiles - 1):
+            tl.store(FLAGS + (j // 32) * sf_w + rows, bits, mask=row_ok)
+            bits = tl.zeros((BLOCK_M,), dtype=tl.int32)
 
 
 @no_type_check  # Triton compiles these; the runtime shape checker must not wrap them
 @triton.jit
-def _collect_kernel(Y, B, THRESH, OUT_S, OUT_I, COUNT, n,
-                    sy_h, sy_n, sb_h, sb_r, st_h, so_h, so_n, sc_h,
-                    CAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                    IEEE: tl.constexpr, r: tl.constexpr, V: tl.constexpr, LANE_CAP: tl.constexpr):
-    """Keep every (score, column) of row i of Y[h] @ B[h] with score >= THRESH[h, i] in
-    OUT[h, i, :CAP] and write their number to COUNT[h, i] (over CAP: the buffer overflowed and
-    the caller redoes the row). No atomics and no scan: with ``LANE_CAP`` > 0 the buffer is
-    ``BLOCK_N`` lanes of ``LANE_CAP`` slots, lane j holding the hits of columns = j mod BLOCK_N,
-    counted in registers laid out like the scores (CAP = BLOCK_N * LANE_CAP; a row overflows
-    when one lane does). With ``LANE_CAP`` = 0 slots come from an atomic add on the row's
-    counter instead, stored one tile later so the atomic's round trip overlaps the next tile."""
-    pid, head = tl.program_id(0), tl.program_id(1)
-    Y += head.to(tl.int64) * sy_h  # the head's offset on the scalar base keeps the tile offsets int32
-    B += head.to(tl.int64) * sb_h
-    OUT_S += head.to(tl.int64) * so_h
-    OUT_I += head.to(tl.int64) * so_h
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < n
-    thresh = tl.load(THRESH + head * st_h + rows, mask=row_ok, other=float("inf"))
-    out_row = (rows * so_n)[:, None]
-    lane = tl.arange(0, BLOCK_N)[None, :]
-    ones = tl.full((BLOCK_M, BLOCK_N), 1, tl.int32)
-    counters = tl.broadcast_to((COUNT + head * sc_h + rows)[:, None], (BLOCK_M, BLOCK_N))
-    held = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)  # LANE_CAP: hits per lane; atomic: last tile's slots
-    last = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    last_keep = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int1)
-    for c0 in range(0, V, BLOCK_N):
-        cols = c0 + tl.arange(0, BLOCK_N)
-        col_ok = cols < V
-        acc = _score_tile(Y, B, rows, row_ok, cols, col_ok, sy_n, sb_r, BLOCK_M, BLOCK_N, BLOCK_K, IEEE, r)
-        keep = (acc >= thresh[:, None]) & col_ok[None, :]
-        if LANE_CAP > 0:
-            write = keep & (held < LANE_CAP)
-            where = out_row + held * BLOCK_N + lane
-            tl.store(OUT_S + where, acc, mask=write)
-            tl.store(OUT_I + where, lane + c0 + tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32), mask=write)
-            held += keep.to(tl.int32)
-        else:
-            write = last_keep & (held < CAP)
-            where = out_row + tl.where(write, held, 0)
-            tl.store(OUT_S + where, last, mask=write)
-            tl.store(OUT_I + where, lane + (c0 - BLOCK_N) + tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32), mask=write)
-            held = tl.atomic_add(counters, ones, mask=keep, sem="relaxed")
-            last, last_keep = acc, keep
-    if LANE_CAP > 0:
-        total = tl.sum(held, axis=1)
-        total = tl.where(tl.max(held, axis=1) > LANE_CAP, CAP + 1, total)
-        tl.store(COUNT + head * sc_h + rows, total, mask=row_ok)
-    else:  # the last tile's hits
-        c_last = ((V - 1) // BLOCK_N) * BLOCK_N
-        write = last_keep & (held < CAP)
-        where = out_row + tl.where(write, held, 0)
-        tl.store(OUT_S + where, last, mask=write)
-        tl.store(OUT_I + where, lane + c_last + tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32), mask=write)
+def _gather_kernel(Y, B, FLAGS, THRESH, OUT_S, OUT_I, COUNT, SCRATCH, n, items,
+                   sy_h, sy_n, sb_h, sb_r, sf_h, sf_w, st_h, so_h, so_n, sc_h,
+                   CAP: tl.constexpr, CHUNK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+                   R_PAD: tl.constexpr, IEEE: tl.constexpr, r: tl.constexpr, V: tl.constexpr):
+    """Pass 2 of the top-k: the flagged (row, tile) pairs scored again, grouped by tile so that
+    the products run on whole blocks of rows, and every score at or above its row's threshold
+    appended to the row's buffer OUT[h, i, :CAP] (slots from an atomic add on COUNT[h, i]; a
+    count over CAP means the buffer overflowed).
+
+    A persistent grid walks the ``items`` work items (head, tile, chunk of CHUNK rows; program p
+    takes items p, p + programs, ...): the chunk's flagged rows are compacted (a prefix sum,
+    through the program's own SCRATCH slice), then scored BLOCK_R at a time against the tile's
+    columns of B. (Both loops are ``while`` loops: Triton 3.6's interpreter cannot run a ``for``
+    over a bound computed at run time.)"""
+    pid = tl.program_id(0)
+    n_tiles: tl.constexpr = (V + BLOCK_N - 1) // BLOCK_N
+    n_chunks = tl.cdiv(n, CHUNK)
+    ks = tl.arange(0, R_PAD)
+    scratch = SCRATCH + pid * CHUNK
+    item = pid
+    while item < items:
+        head = item // (n_tiles * n_chunks)
+        j = (item // n_chunks) % n_tiles
+        rows = (item % n_chunks) * CHUNK + tl.arange(0, CHUNK)
+        words = tl.load(FLAGS + head.to(tl.int64) * sf_h + (j // 32) * sf_w + rows, mask=rows < n, other=0)
+        hit = (words >> (j % 32)) & 1
+        total = tl.sum(hit)
+        if total > 0:
+            tl.store(scratch + tl.cumsum(hit, axis=0) - 1, rows, mask=hit != 0)
+            tl.debug_barrier()  # the compacted rows are read back by other threads of the program
+            cols = j * BLOCK_N + tl.arange(0, BLOCK_N)
+            col_ok = cols < V
+            b = tl.load(B + head.to(tl.int64) * sb_h + ks[:, None] * sb_r + cols[None, :],
+                        mask=(ks[:, None] < r) & col_ok[None, :], other=0.0)
+            s = 0
+            while s < total:
+                taken = s + tl.arange(0, BLOCK_R) < total
+                picked = tl.load(scratch + s + tl.arange(0, BLOCK_R), mask=taken, other=0, cache_modifier=".cg")
+                y = tl.load(Y + head.to(tl.int64) * sy_h + picked[:, None] * sy_n + ks[None, :],
+                            mask=taken[:, None] & (ks[None, :] < r), other=0.0)
+                acc = _dot(y, b, tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32), IEEE)
+                thresh = tl.load(THRESH + head * st_h + picked, mask=taken, other=float("inf"))
+                keep = (acc >= thresh[:, None]) & col_ok[None, :]
+                counters = tl.broadcast_to((COUNT + head * sc_h + picked)[:, None], (BLOCK_R, BLOCK_N))
+                slot = tl.atomic_add(counters, 1, mask=keep, sem="relaxed")
+                write = keep & (slot < CAP)
+                where = head.to(tl.int64) * so_h + picked[:, None] * so_n + slot
+                tl.store(OUT_S + where, acc, mask=write)
+                tl.store(OUT_I + where, cols[None, :] + tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.int32), mask=write)
+                s += BLOCK_R
+            tl.debug_barrier()  # every thread is done with the scratch before the next item refills it
+        item += tl.num_programs(0)
 
 
 def _rows_contiguous(X: Tensor) -> Tensor:
@@ -221,15 +239,28 @@ def _block_k(r: int) -> int:
     return max(16, min(64, triton.next_power_of_2(r)))
 
 
-# Tile sizes and launch settings of the rank and collect kernels on CUDA (benchmarks/bench_kernels.py
-# sweeps them on the GPU it runs on; these are the best it found on an H100).
+# Tile sizes and launch settings on CUDA (benchmarks/bench_kernels.py sweeps them on the GPU it runs
+# on). RANK_CONFIG is the best the sweep found on an H100. TOPK_CONFIG: the flag pass (block_m x
+# block_n tiles, num_warps, num_stages; a threshold from every ``every``-th tile, set to let about
+# margin * k scores through), the gather pass (persistent programs, ``gather_per_sm`` a multiprocessor,
+# chunks of ``chunk`` rows scored ``block_r`` at a time with ``gather_warps``). Not yet swept on a GPU:
+# its shapes were chosen from the instruction counts in benchmarks/RESULTS.md.
 RANK_CONFIG = dict(block_m=128, block_n=64, num_warps=4, num_stages=3)
-COLLECT_CONFIG = dict(block_m=128, block_n=64, num_warps=8, num_stages=3, lane_cap=8, margin=1.5)
+TOPK_CONFIG = dict(block_m=128, block_n=64, num_warps=4, num_stages=3, every=8, margin=2.0,
+                   chunk=2048, block_r=64, gather_warps=4, gather_stages=2, gather_per_sm=4)
+# float32 inputs multiply on CUDA cores (IEEE, never TF32); with the tiles above their operands
+# spill to local memory (counted in the compiled code), these do not.
+TOPK_CONFIG_FP32 = dict(block_m=32, block_r=16)
 
 
-def _launch_config(device: torch.device, config: dict) -> dict:
-    keep = ("num_warps", "num_stages")
-    return {key: config[key] for key in keep} if device.type == "cuda" else {}
+def _launch_config(device: torch.device, config: dict, prefix: str = "") -> dict:
+    """``num_warps``/``num_stages`` from ``config`` (keys ``prefix + "warps"``/``"stages"``, or the
+    plain names), on CUDA only: the interpreter takes neither."""
+    if device.type != "cuda":
+        return {}
+    if prefix:
+        return dict(num_warps=config[prefix + "warps"], num_stages=config[prefix + "stages"])
+    return dict(num_warps=config["num_warps"], num_stages=config["num_stages"])
 
 
 @torch.no_grad()
@@ -264,24 +295,49 @@ def rank_triton(
     return out.long()
 
 
-def _collect(Y: Tensor, B: Tensor, thresh: Tensor, cap: int, config: dict) -> tuple[Tensor, Tensor, Tensor]:
-    """Run the collect kernel over heads x rows: candidate scores (-inf where unfilled),
-    their columns, and each row's number of candidates (over the buffer's size: overflowed).
-    ``config["lane_cap"]`` > 0 picks the lane buffer (its size then is block_n * lane_cap)."""
+def _flag_pass(Y: Tensor, B: Tensor, pick: int, config: dict) -> tuple[Tensor, Tensor]:
+    """:func:`_flag_kernel` over heads x rows: flags ``(heads, words, n)`` int32 (bit j % 32 of word
+    j // 32: column tile j reaches the row's threshold) and the thresholds ``(heads, n)``."""
     H, n, r = Y.shape
-    lane_cap = int(config.get("lane_cap", 0))
-    if lane_cap:
-        cap = config["block_n"] * lane_cap
+    V = B.shape[-1]
+    tiles = triton.cdiv(V, config["block_n"])
+    flags = torch.empty(H, triton.cdiv(tiles, 32), n, dtype=torch.int32, device=Y.device)
+    thresh = torch.empty(H, n, device=Y.device)
+    _flag_kernel[(triton.cdiv(n, config["block_m"]), H)](
+        Y, B, flags, thresh, n, Y.stride(0), Y.stride(1), B.stride(0), B.stride(1), flags.stride(0), flags.stride(1),
+        thresh.stride(0), BLOCK_M=config["block_m"], BLOCK_N=config["block_n"], R_PAD=_r_pad(r), IEEE=_ieee(Y), r=r,
+        V=V, EVERY=config["every"], PICK=pick, SLOTS=triton.next_power_of_2(pick), **_launch_config(Y.device, config))
+    return flags, thresh
+
+
+def _gather_pass(Y: Tensor, B: Tensor, flags: Tensor, thresh: Tensor, cap: int,
+                 config: dict) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`_gather_kernel` over the flags: each row's scores at or above its threshold in a
+    buffer of ``cap`` (-inf where unfilled), their columns, and their number (over ``cap``: the
+    buffer overflowed)."""
+    H, n, r = Y.shape
+    V = B.shape[-1]
     cand_s = torch.full((H, n, cap), float("-inf"), device=Y.device)
     cand_i = torch.zeros((H, n, cap), dtype=torch.int32, device=Y.device)
     count = torch.zeros((H, n), dtype=torch.int32, device=Y.device)
-    thresh = thresh.float().contiguous()
-    _collect_kernel[(triton.cdiv(n, config["block_m"]), H)](
-        Y, B, thresh, cand_s, cand_i, count, n, Y.stride(0), Y.stride(1), B.stride(0), B.stride(1),
-        thresh.stride(0), cand_s.stride(0), cand_s.stride(1), count.stride(0),
-        CAP=cap, BLOCK_M=config["block_m"], BLOCK_N=config["block_n"], BLOCK_K=_block_k(r), IEEE=_ieee(Y), r=r,
-        V=B.shape[-1], LANE_CAP=lane_cap, **_launch_config(Y.device, config))
+    items = H * triton.cdiv(V, config["block_n"]) * triton.cdiv(n, config["chunk"])
+    if Y.device.type == "cuda":
+        per_device = torch.cuda.get_device_properties(Y.device).multi_processor_count * config["gather_per_sm"]
+    else:
+        per_device = 2  # the interpreter runs programs one after another; two still exercise the striding
+    programs = min(items, per_device)
+    scratch = torch.empty(programs, config["chunk"], dtype=torch.int32, device=Y.device)
+    _gather_kernel[(programs,)](
+        Y, B, flags, thresh, cand_s, cand_i, count, scratch, n, items, Y.stride(0), Y.stride(1), B.stride(0),
+        B.stride(1), flags.stride(0), flags.stride(1), thresh.stride(0), cand_s.stride(0), cand_s.stride(1),
+        count.stride(0), CAP=cap, CHUNK=config["chunk"], BLOCK_R=config["block_r"], BLOCK_N=config["block_n"],
+        R_PAD=_r_pad(r), IEEE=_ieee(Y), r=r, V=V, **_launch_config(Y.device, config, "gather_"))
     return cand_s, cand_i, count
+
+
+def _r_pad(r: int) -> int:
+    """The resident rows' width: ``r`` rounded up to a power of two (tl.arange), at least 16 (tl.dot)."""
+    return max(16, triton.next_power_of_2(r))
 
 
 def _select(cand_s: Tensor, cand_i: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -307,71 +363,56 @@ def topk_triton(
     B: Float[Tensor, "heads r V"],
     k: int,
     *,
-    sample_every: int = 8,
     config: dict | None = None,
     timings: dict | None = None,
 ) -> tuple[Float[Tensor, "heads n k"], Int[Tensor, "heads n k"]]:
     """Top-``k`` scores (descending) and column indices of each row of ``Y[h] @ B[h]``.
 
-    (1) A sampling kernel computes every ``sample_every``-th column tile and keeps each row's
-    maximum per tile. The k-th largest of those maxima is a *safe* threshold (k tiles hold a
-    score at or above it, so at least k scores are); a higher *tight* one (the
-    ``ceil(margin * k / sample_every)``-th) lets through about margin * k candidates on typical
-    rows. (2) One collecting pass over the whole vocabulary keeps the scores at or above the
-    tight threshold in a per-row buffer (see :func:`_collect_kernel` for its two layouts). (3) A top-k over the buffer. A row whose candidates number
-    at least k and fit the buffer is exact whatever the threshold was; the others (the tight
-    guess let too few or too many through) are collected again with the safe threshold and a
-    larger buffer, and any still over it are redone with the torch reference. Ties go to the
-    lower index. ``config`` overrides :data:`COLLECT_CONFIG`; ``timings``, if given, receives
-    seconds per step (synchronising the GPU, for the benchmark).
+    (1) The flag pass scores every ``every``-th column tile, takes a threshold per row (the
+    ``ceil(margin * k / every)``-th largest sampled tile maximum: about margin * k scores reach it
+    on typical rows), then scores every tile and marks, per row, the tiles whose maximum reaches
+    it. (2) The gather pass scores the marked (row, tile) pairs again, grouped by tile, and keeps
+    the scores at or above the threshold. (3) A top-k over those few. A row with at least k kept
+    scores that fit its buffer is exact whatever the threshold was; the others go through both
+    passes again with the *safe* threshold (the k-th largest sampled maximum: k tiles hold a score
+    at or above it) and a larger buffer, and any still short or over it are redone with the torch
+    reference. Ties go to the lower index. ``config`` overrides :data:`TOPK_CONFIG` (and :data:`TOPK_CONFIG_FP32`); ``timings``,
+    if given, receives seconds per step (synchronising the GPU, for the benchmark) and the number
+    of redone rows.
     """
-    config = {**COLLECT_CONFIG, **(config or {})}
+    config = {**TOPK_CONFIG, **(TOPK_CONFIG_FP32 if Y.dtype == torch.float32 else {}), **(config or {})}
     H, n, r = Y.shape
     V = B.shape[-1]
     Y, B = _rows_contiguous(Y), _rows_contiguous(B)
     tiles = triton.cdiv(V, config["block_n"])
-    every = max(1, min(sample_every, tiles // k))  # keep at least k sampled tiles where the vocabulary allows
+    config["every"] = every = max(1, min(config["every"], tiles // k))  # at least k sampled tiles where V allows
     sampled = triton.cdiv(tiles, every)
     pick = min(k, math.ceil(config["margin"] * k / every))
-    cap = V if sampled < k else min(V, 2 * pick * every + 64)
-    if sampled < k:  # every column is a candidate: only the counter buffer holds them all
-        config["lane_cap"] = 0
+    # too few sampled tiles for a threshold: every column is a candidate
+    cap = V if sampled < pick else min(V, 2 * pick * every + 64)
     safe_cap = V if sampled < k else min(V, 4 * k * every + 64)
     out_scores = torch.empty(H, n, k, device=Y.device)
     out_index = torch.empty(H, n, k, dtype=torch.long, device=Y.device)
     clock = _Clock(Y.device, timings)
-    per_row = max(cap, config["block_n"] * config["lane_cap"]) * 8
-    rows = max(config["block_m"], CANDIDATE_BYTES // per_row)
+    rows = max(config["block_m"], CANDIDATE_BYTES // (cap * 8))
     for h0, h1, n0, n1 in _work_blocks(H, n, rows):
         Yb, Bb = Y[h0:h1, n0:n1], B[h0:h1]
-        if sampled >= k:
-            maxima = torch.empty(h1 - h0, sampled, n1 - n0, device=Y.device)
-            _sampled_max_kernel[(triton.cdiv(n1 - n0, config["block_m"]), h1 - h0)](
-                Yb, Bb, maxima, n1 - n0, Yb.stride(0), Yb.stride(1), Bb.stride(0), Bb.stride(1),
-                maxima.stride(0), maxima.stride(1), BLOCK_M=config["block_m"], BLOCK_N=config["block_n"],
-                BLOCK_K=_block_k(r), IEEE=_ieee(Y), r=r, V=V, EVERY=every, SAMPLED=sampled,
-                **_launch_config(Y.device, config))
-            best = maxima.topk(k, dim=1).values
-            tight, safe = best[:, pick - 1], best[:, k - 1]
-            del maxima, best
-        else:  # too few tiles to sample: every column is a candidate
-            tight = safe = torch.full((h1 - h0, n1 - n0), float("-inf"), device=Y.device)
-        clock.lap("threshold")
-        cand_s, cand_i, count = _collect(Yb, Bb, tight, cap, config)
-        clock.lap("collect")
+        flags, thresh = _flag_pass(Yb, Bb, pick, config)
+        clock.lap("flag pass")
+        cand_s, cand_i, count = _gather_pass(Yb, Bb, flags, thresh, cap, config)
+        del flags, thresh
+        clock.lap("gather pass")
         scores, index = _select(cand_s, cand_i, k)
-        width = cand_s.shape[-1]
         del cand_s, cand_i
         clock.lap("select")
-        redo = ((count < k) | (count > width)).nonzero()
+        redo = ((count < k) | (count > cap)).nonzero()
         for h in redo[:, 0].unique().tolist():
             rows_h = redo[redo[:, 0] == h, 1]
-            s2, i2, c2 = _collect(Yb[h, rows_h][None], Bb[h][None], safe[h, rows_h][None], safe_cap,
-                                  {**config, "lane_cap": 0})
-            redone_s, redone_i = _select(s2, i2, k)
-            scores[h, rows_h], index[h, rows_h] = redone_s[0], redone_i[0]
+            Yh, Bh = Yb[h, rows_h][None], Bb[h][None]
+            s2, i2, c2 = _gather_pass(Yh, Bh, *_flag_pass(Yh, Bh, k, config), safe_cap, config)
+            scores[h, rows_h], index[h, rows_h] = (part[0] for part in _select(s2, i2, k))
             still = ((c2[0] < k) | (c2[0] > safe_cap)).nonzero()[:, 0]
-            if still.numel():  # more candidates than the larger buffer: exact redo
+            if still.numel():  # short (float rounding at the threshold) or over the larger buffer: exact redo
                 exact = projection_topk_reference(Yb[h, rows_h[still]], Bb[h], k)
                 scores[h, rows_h[still]], index[h, rows_h[still]] = exact
         if timings is not None:
