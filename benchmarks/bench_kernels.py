@@ -93,8 +93,16 @@ def peak(fn) -> tuple[float, float]:
 
 RANK_SWEEP = [dict(block_m=m, block_n=nb, num_warps=w, num_stages=st)
               for m, nb in ((64, 128), (128, 128), (128, 64), (64, 256), (128, 256)) for w in (4, 8) for st in (3, 4)]
-COLLECT_SWEEP = [dict(block_m=m, block_n=nb, num_warps=w, num_stages=3, lane_cap=lane_cap, margin=margin)
-                 for m, nb in ((128, 64), (64, 128)) for w in (4, 8) for lane_cap in (0, 8) for margin in (1.5, 3.0)]
+# The top-k sweep in three stages, each keeping its best for the next: the flag pass's tiles, the
+# gather pass's shape and registers, then how many scores the threshold lets through.
+TOPK_SWEEPS = [
+    ("flag pass tiles", [dict(block_m=m, num_warps=w, num_stages=st)
+                         for m, w, st in ((128, 4, 3), (128, 4, 4), (128, 4, 2), (128, 8, 3), (256, 8, 2), (64, 4, 4))]),
+    ("gather pass", [dict(chunk=c, block_r=br, gather_warps=w, gather_per_sm=p, gather_maxnreg=reg)
+                     for c, br, w, p, reg in ((2048, 64, 4, 4, 128), (2048, 64, 4, 2, None), (1024, 64, 4, 4, 128),
+                                              (4096, 64, 4, 4, 128), (2048, 128, 8, 2, 128), (2048, 64, 4, 5, 96))]),
+    ("threshold", [dict(margin=m, every=e) for m, e in ((2.0, 8), (1.5, 8), (3.0, 8), (2.0, 4), (2.0, 16), (1.5, 4))]),
+]
 
 
 def sweep(run, defaults: dict, configs: list[dict], what: str) -> None:
@@ -140,8 +148,9 @@ def gpu_rank(args, rate: float, bandwidth: float) -> None:
         B = (W_O @ W_U)  # (H, r, V): each head's W_O W_U, bf16 with fp32 accumulation
         return projection_rank(Y, B, targets, k=k, backend="triton")
 
-    sweep(lambda config: rank_triton(Y, W_O @ W_U, targets, config=config), triton_projection.RANK_CONFIG,
-          RANK_SWEEP, "rank (exact), one layer")
+    if not args.no_sweep:
+        sweep(lambda config: rank_triton(Y, W_O @ W_U, targets, config=config), triton_projection.RANK_CONFIG,
+              RANK_SWEEP, "rank (exact), one layer")
     one_layer_triton(None), one_layer_triton(10)  # compile
     rows = []
     for k in (None, 10):
@@ -190,8 +199,11 @@ def gpu_topk(args, rate: float) -> None:
     scale = layer_flops / timed_flops  # dominated by the scores; forming B is under 1% at n = V
     print(f"\nTop-{k} over the vocabulary for every token as a source (n = V = {V}) for one layer's {H} heads: "
           f"{layer_flops:.2e} FLOPs, floor {layer_flops / rate:.2f} s; timed on {heads} heads x {n} rows and scaled")
-    sweep(lambda config: topk_triton(Y, B, k, config=config), triton_projection.COLLECT_CONFIG, COLLECT_SWEEP,
-          f"top-{k}, {heads} heads x {n} rows")
+    if not args.no_sweep:
+        for what, configs in TOPK_SWEEPS:
+            sweep(lambda config: topk_triton(Y, B, k, config=config), triton_projection.TOPK_CONFIG,
+                  [{**triton_projection.TOPK_CONFIG, **config} for config in configs],
+                  f"top-{k} ({what}), {heads} heads x {n} rows")
     phases: dict = {}
     topk_triton(Y, B, k, timings=phases)
     total = sum(v for key, v in phases.items() if key != "redone rows")
@@ -200,10 +212,9 @@ def gpu_topk(args, rate: float) -> None:
         for key, v in phases.items()))
     rows = []
     results = {}
-    best = triton_projection.COLLECT_CONFIG
-    layout = f"{best['lane_cap']}-slot lanes" if best["lane_cap"] else "atomic slots"
-    for name, backend in ((f"Triton: sampled tile maxima -> threshold (margin {best['margin']}), one collecting pass "
-                           f"({layout}), top-k of the candidates", "triton"),
+    best = triton_projection.TOPK_CONFIG
+    for name, backend in ((f"Triton: flag pass (threshold from every {best['every']}th tile, margin {best['margin']}), "
+                           "gather pass over the flagged (row, tile) pairs, top-k of the candidates", "triton"),
                           ("torch reference (blocked running top-k)", "reference")):
         seconds, mem = peak(lambda: results.__setitem__(backend, projection_topk(Y, B, k, backend=backend)))
         rows.append([name, f"{seconds * scale:.2f}", f"{timed_flops / seconds / 1e12:.1f}",
@@ -215,47 +226,40 @@ def gpu_topk(args, rate: float) -> None:
 
 
 def gpu_topk_diagnosis(args, rate: float) -> None:
-    """What limits the collecting pass: the same problem (heads x V rows) through epilogues of
-    increasing weight: count only (the rank kernel), a per-row maximum stored every tile (the
-    sampling kernel at every tile), the collecting pass with no hits (stores predicated off),
-    and with the real threshold."""
-    import triton
-
+    """Where the top-k's time goes: the same problem (heads x V rows) through the rank kernel
+    (compare + count: the lightest useful epilogue), the flag pass alone, the gather pass alone
+    (on the flag pass's output), and the select; with the flagged pairs and kept scores per row."""
     from mechkit.kernels import triton_projection as tp
 
     s = args.shape
-    r, V, heads = s["d_head"], s["vocab"], min(args.topk_heads, s["heads"])
+    r, V, heads, k = s["d_head"], s["vocab"], min(args.topk_heads, s["heads"]), 64
     dev, bf = args.device, torch.bfloat16
     g = torch.Generator(device=dev).manual_seed(2)
     Y = torch.randn(heads, V, r, device=dev, dtype=bf, generator=g)
     B = torch.randn(heads, r, V, device=dev, dtype=bf, generator=g) / r**0.5
     targets = torch.randint(0, V, (heads, V), device=dev, generator=g)
     flops = heads * 2 * V * r * V
-    config = dict(tp.COLLECT_CONFIG)
-    bm, bn = config["block_m"], config["block_n"]
-    maxima = torch.empty(heads, triton.cdiv(V, bn), V, device=dev)
-
-    def max_every_tile():
-        tp._sampled_max_kernel[(triton.cdiv(V, bm), heads)](
-            Y, B, maxima, V, Y.stride(0), Y.stride(1), B.stride(0), B.stride(1), maxima.stride(0), maxima.stride(1),
-            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=tp._block_k(r), IEEE=False, r=r, V=V, EVERY=1, SAMPLED=maxima.shape[1],
-            **tp._launch_config(Y.device, config))
-
-    kth = (Y[:, :4096].float() @ B.float()).topk(96, dim=-1).values[..., -1].mean()  # a typical tight threshold
+    config = dict(tp.TOPK_CONFIG)
+    pick, cap, _ = tp._plan(k, V, config)
+    flags, thresh = tp._flag_pass(Y, B, pick, config)
+    cand = tp._gather_pass(Y, B, flags, thresh, cap, config)
     runs = [("rank kernel (compare + count per row)", lambda: tp.rank_triton(Y, B, targets)),
-            ("rank kernel, its swept config as for collect", lambda: tp.rank_triton(Y, B, targets, config=config)),
-            ("per-row maximum stored every tile", max_every_tile),
-            ("collect, threshold +inf (no hits)", lambda: tp._collect(Y, B, torch.full((heads, V), float("inf"), device=dev),
-                                                                      512, config)),
-            ("collect, typical threshold", lambda: tp._collect(Y, B, torch.full((heads, V), float(kth), device=dev),
-                                                               512, config))]
+            ("flag pass (threshold from sampled tiles, then a bitmask of tiles)", lambda: tp._flag_pass(Y, B, pick, config)),
+            ("gather pass (the flagged pairs scored again, hits kept)",
+             lambda: tp._gather_pass(Y, B, flags, thresh, cap, config)),
+            ("select (top-k of the kept scores)", lambda: tp._select(cand[0], cand[1], k))]
     rows = []
     for name, fn in runs:
         fn()
         seconds = timed(fn)
         rows.append([name, f"{seconds * 1e3:.1f}", f"{flops / seconds / 1e12:.0f}", f"{flops / seconds / rate:.0%}"])
-    print(f"\nDiagnosis: {heads} heads x {V} rows x V = {V}, config {config}")
-    print_table(["epilogue", "ms", "TFLOP/s", "of bf16 rate"], rows)
+    bits = torch.stack([(flags >> b) & 1 for b in range(32)]).sum(0)
+    print(f"\nDiagnosis: {heads} heads x {V} rows x V = {V}, config {config}, pick {pick}, buffer {cap}")
+    print_table(["step", "ms", "TFLOP/s (of the whole problem)", "of bf16 rate"], rows)
+    count = cand[2].float()
+    print(f"  flagged (row, tile) pairs per row: mean {bits.sum(1).float().mean():.1f}; kept scores per row: "
+          f"mean {count.mean():.1f}, under k {(count < k).float().mean():.2%} of rows, over the buffer "
+          f"{(count > cap).float().mean():.2%}")
 
 
 def cpu_reference(args) -> None:
@@ -287,7 +291,8 @@ def main() -> None:
                         "(under TRITON_INTERPRET=1), to check the script itself")
     parser.add_argument("--cpu-heads", type=int, default=2, help="heads timed per model on the CPU")
     parser.add_argument("--skip", nargs="*", default=(), choices=["rank", "topk"])
-    parser.add_argument("--diagnose", action="store_true", help="time the top-k collecting pass against lighter epilogues")
+    parser.add_argument("--diagnose", action="store_true", help="time the top-k's passes one by one")
+    parser.add_argument("--no-sweep", action="store_true", help="skip the launch-config sweeps (use the defaults)")
     args = parser.parse_args()
     print(machine_description())
     args.shape, args.device = LLAMA_70B, "cuda"

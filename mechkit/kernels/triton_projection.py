@@ -243,23 +243,27 @@ def _block_k(r: int) -> int:
 # on). RANK_CONFIG is the best the sweep found on an H100. TOPK_CONFIG: the flag pass (block_m x
 # block_n tiles, num_warps, num_stages; a threshold from every ``every``-th tile, set to let about
 # margin * k scores through), the gather pass (persistent programs, ``gather_per_sm`` a multiprocessor,
-# chunks of ``chunk`` rows scored ``block_r`` at a time with ``gather_warps``). Not yet swept on a GPU:
-# its shapes were chosen from the instruction counts in benchmarks/RESULTS.md.
+# chunks of ``chunk`` rows scored ``block_r`` at a time with ``gather_warps``, registers capped at
+# ``gather_maxnreg`` so that four programs fit). Not yet swept on a GPU: chosen from the compiled
+# code's instruction counts, shared memory and registers (benchmarks/kernel_sass.py, RESULTS.md).
 RANK_CONFIG = dict(block_m=128, block_n=64, num_warps=4, num_stages=3)
 TOPK_CONFIG = dict(block_m=128, block_n=64, num_warps=4, num_stages=3, every=8, margin=2.0,
-                   chunk=2048, block_r=64, gather_warps=4, gather_stages=2, gather_per_sm=4)
+                   chunk=2048, block_r=64, gather_warps=4, gather_stages=1, gather_per_sm=4, gather_maxnreg=128)
 # float32 inputs multiply on CUDA cores (IEEE, never TF32); with the tiles above their operands
 # spill to local memory (counted in the compiled code), these do not.
 TOPK_CONFIG_FP32 = dict(block_m=32, block_r=16)
 
 
 def _launch_config(device: torch.device, config: dict, prefix: str = "") -> dict:
-    """``num_warps``/``num_stages`` from ``config`` (keys ``prefix + "warps"``/``"stages"``, or the
-    plain names), on CUDA only: the interpreter takes neither."""
+    """``num_warps``/``num_stages`` (and ``maxnreg`` where set) from ``config`` (keys ``prefix +
+    "warps"``/``"stages"``/``"maxnreg"``, or the plain names), on CUDA only: the interpreter takes none."""
     if device.type != "cuda":
         return {}
     if prefix:
-        return dict(num_warps=config[prefix + "warps"], num_stages=config[prefix + "stages"])
+        launch = dict(num_warps=config[prefix + "warps"], num_stages=config[prefix + "stages"])
+        if config.get(prefix + "maxnreg"):
+            launch["maxnreg"] = config[prefix + "maxnreg"]
+        return launch
     return dict(num_warps=config["num_warps"], num_stages=config["num_stages"])
 
 
@@ -384,13 +388,7 @@ def topk_triton(
     H, n, r = Y.shape
     V = B.shape[-1]
     Y, B = _rows_contiguous(Y), _rows_contiguous(B)
-    tiles = triton.cdiv(V, config["block_n"])
-    config["every"] = every = max(1, min(config["every"], tiles // k))  # at least k sampled tiles where V allows
-    sampled = triton.cdiv(tiles, every)
-    pick = min(k, math.ceil(config["margin"] * k / every))
-    # too few sampled tiles for a threshold: every column is a candidate
-    cap = V if sampled < pick else min(V, 2 * pick * every + 64)
-    safe_cap = V if sampled < k else min(V, 4 * k * every + 64)
+    pick, cap, safe_cap = _plan(k, V, config)
     out_scores = torch.empty(H, n, k, device=Y.device)
     out_index = torch.empty(H, n, k, dtype=torch.long, device=Y.device)
     clock = _Clock(Y.device, timings)
@@ -420,6 +418,19 @@ def topk_triton(
         clock.lap("redo")
         out_scores[h0:h1, n0:n1], out_index[h0:h1, n0:n1] = scores, index
     return out_scores, out_index
+
+
+def _plan(k: int, V: int, config: dict) -> tuple[int, int, int]:
+    """Settle ``config["every"]`` (at least k sampled tiles where the vocabulary allows) and return
+    the tight threshold's rank among the sampled maxima and the two buffer sizes (the whole
+    vocabulary where too few tiles are sampled for a threshold: every column is a candidate)."""
+    tiles = triton.cdiv(V, config["block_n"])
+    config["every"] = every = max(1, min(config["every"], tiles // k))
+    sampled = triton.cdiv(tiles, every)
+    pick = min(k, math.ceil(config["margin"] * k / every))
+    cap = V if sampled < pick else min(V, 2 * pick * every + 64)
+    safe_cap = V if sampled < k else min(V, 4 * k * every + 64)
+    return pick, cap, safe_cap
 
 
 def _work_blocks(heads: int, n: int, rows: int):
