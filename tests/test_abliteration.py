@@ -7,6 +7,8 @@ without the trigger must come out exactly unchanged by ablation.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -174,6 +176,44 @@ def test_saved_abliterated_model_loads_by_name(tmp_path, monkeypatch):
         torch.testing.assert_close(loaded(tokens), expected, atol=1e-4, rtol=0)
         torch.testing.assert_close(again(tokens), expected, atol=1e-4, rtol=0)
     assert loaded.mechkit.source == "test" and loaded.mechkit.prepend_bos == model.mechkit.prepend_bos
+
+
+def test_a_saved_variant_is_made_again_when_its_argument_file_changes(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MECHKIT_CACHE", str(tmp_path / "cache"))
+    from mechkit.models import load_model
+    from mechkit.models.edited import save_edited
+    from mechkit.models.registry import VARIANTS, model_identity, register_variant
+
+    model = tiny_model("llama", n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, d_mlp=64, seed=7)
+    argument = tmp_path / "direction.txt"
+    argument.write_text("first")
+    calls = []
+
+    def maker(base, arg):
+        calls.append(Path(arg).read_text())
+        seed = 1 if Path(arg).read_text() == "first" else 2
+        name = f"{base}+testedit:{arg}"
+        return save_edited(orthogonalize(model, _random_unit(32, seed), name=name), name, kind="test")
+
+    name = f"tiny+testedit:{argument}"
+    register_variant("testedit", maker)
+    try:
+        identity = model_identity(name)
+        first = load_model(name)
+        load_model(name)  # unchanged: read from the cache
+        argument.write_text("second")  # an edited argument file: the saved variant is stale
+        assert model_identity(name) != identity  # (and a report keyed on it recomputes)
+        second = load_model(name)
+    finally:
+        VARIANTS.pop("testedit")
+    assert calls == ["first", "second"]
+    assert "making tiny+testedit" in capsys.readouterr().out
+    tokens = torch.randint(4, 40, (2, 7))
+    with torch.no_grad(), ablate_direction(model, _random_unit(32, 2)):
+        expected = model(tokens)
+    with torch.no_grad():
+        torch.testing.assert_close(second(tokens), expected, atol=1e-4, rtol=0)
+        assert not torch.allclose(first(tokens), second(tokens), atol=1e-3)
 
 
 def test_direction_files_belong_to_their_model(tmp_path):

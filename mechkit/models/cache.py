@@ -8,6 +8,7 @@ conversion never leaves a folder that looks complete.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
 import tempfile
@@ -27,6 +28,15 @@ def models_dir() -> Path:
     path = cache_root() / "models"
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def file_sha256(path: Path, block: int = 1 << 24) -> str:
+    """The SHA-256 of a file's contents, read in blocks (GGUF files are hundreds of MB)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(block):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 @contextlib.contextmanager

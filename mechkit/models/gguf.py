@@ -6,23 +6,14 @@ two cores); after one conversion the folder loads in seconds.
 
 from __future__ import annotations
 
-import hashlib
 import time
 from pathlib import Path
 
 import torch
 
-from mechkit.models.cache import atomic_folder
+from mechkit.models.cache import atomic_folder, file_sha256
 from mechkit.models.fingerprint import hash_state_dict
 from mechkit.models.registry import write_meta
-
-
-def file_sha256(path: Path, block: int = 1 << 24) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(block):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def convert_gguf(gguf_path: Path, folder: Path, *, name: str, chat: bool, description: str) -> Path:

@@ -24,17 +24,19 @@ import torch
 from transformer_lens.model_bridge import TransformerBridge
 
 from mechkit.errors import MechkitError, ModelNotFoundError
-from mechkit.models.cache import models_dir
+from mechkit.models.cache import file_sha256, models_dir
 from mechkit.models.fingerprint import hash_state_dict
-from mechkit.models.gguf import convert_gguf, file_sha256
+from mechkit.models.gguf import convert_gguf
 from mechkit.models.registry import (
     BUNDLED,
     DEFAULT_MODEL,
     VARIANTS,
     cached_models,
     read_meta,
+    register_cached_model,
     split_variant,
     unknown_model_error,
+    variant_inputs,
 )
 
 
@@ -290,9 +292,8 @@ def load_model(
     path = Path(name).expanduser()
     cached = cached_models()
     meta: dict = {}
-    if name not in cached and not path.exists() and (variant := split_variant(name)) is not None:
-        base, suffix, argument = variant
-        cached = {name: VARIANTS[suffix](base, argument)}  # made and saved once, then read from the cache
+    if not path.exists() and (variant := split_variant(name)) is not None:
+        cached = {name: _current_variant(name, variant, cached.get(name))}
     if name in BUNDLED:
         folder = _ensure_bundled(name)
         bridge = _load_folder(folder, name, device, dtype, placement)
@@ -328,6 +329,19 @@ def load_model(
     bridge.mechkit = info
     bridge.mechkit_load_seconds = time.perf_counter() - started
     return bridge
+
+
+def _current_variant(name: str, variant: tuple[str, str, str | None], folder: Path | None) -> Path:
+    """The cached folder of a variant, made (and saved) first when it is missing or was made from
+    other inputs than today's (see :func:`~mechkit.models.registry.variant_inputs`)."""
+    base, suffix, argument = variant
+    if folder is not None and read_meta(folder).get("made_from") == variant_inputs(base, argument):
+        return folder
+    if folder is not None:
+        print(f"mechkit: making {name} again: its base model or argument changed since it was saved")
+    folder = VARIANTS[suffix](base, argument)
+    register_cached_model(name, folder, made_from=variant_inputs(base, argument))  # after making: the base is cached now
+    return folder
 
 
 def check_model_name(name: str) -> None:

@@ -9,6 +9,8 @@ Edited models (e.g. abliterated ones) are written to the cache by other layers t
 from __future__ import annotations
 
 import difflib
+import hashlib
+import importlib.metadata
 import importlib.util
 import json
 from collections.abc import Callable
@@ -16,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mechkit.errors import ModelNotFoundError
-from mechkit.models.cache import cache_root, models_dir
+from mechkit.models.cache import cache_root, file_sha256, models_dir
 
 META_FILE = "mechkit.json"
 
@@ -125,7 +127,7 @@ def register_variant(suffix: str, maker: VariantMaker) -> None:
     """Let ``load_model("<model>+<suffix>[:<argument>]")`` build a variant of a model on first use.
 
     ``maker(base_name, argument)`` makes the variant, saves it in the cache and returns its folder;
-    later loads read the cache. Registered by the layer that owns the edit (``mechkit`` registers
+    later loads read the cache, unless what it was made from changed (:func:`variant_inputs`). Registered by the layer that owns the edit (``mechkit`` registers
     ``"abliterated"`` from ``directions/``), so ``models/`` never imports it.
     """
     VARIANTS[suffix] = maker
@@ -140,6 +142,37 @@ def split_variant(name: str) -> tuple[str, str, str | None] | None:
     if suffix not in VARIANTS:
         return None
     return base, suffix, (argument if colon else None)
+
+
+def model_identity(name: str) -> str:
+    """What a model's weights depend on, as a short string that does not change when the model is
+    converted or made on first use: for a local folder or file its files' sizes and times; for a
+    bundled model its package's version; for a variant ``base+suffix[:argument]`` what it is made
+    from (:func:`variant_inputs`); for another cached model its weights hash; else the name."""
+    path = Path(name).expanduser()
+    if path.exists():
+        files = sorted(p for p in ([path] if path.is_file() else path.rglob("*")) if p.is_file())
+        stat = [(str(p.relative_to(path.parent)), p.stat().st_size, int(p.stat().st_mtime)) for p in files]
+        return name + ":" + hashlib.sha256(json.dumps(stat).encode()).hexdigest()[:16]
+    if name in BUNDLED:
+        try:
+            return f"{name}:{importlib.metadata.version(BUNDLED[name].package)}"
+        except importlib.metadata.PackageNotFoundError:
+            return name
+    if (variant := split_variant(name)) is not None:
+        return name + ":" + json.dumps(variant_inputs(variant[0], variant[2]), sort_keys=True)
+    folder = cached_models().get(name)
+    weights = read_meta(folder).get("weights_hash") if folder is not None else None
+    return f"{name}:{weights}" if weights else name
+
+
+def variant_inputs(base: str, argument: str | None) -> dict:
+    """What a variant ``base+suffix[:argument]`` is made from: the base's identity and the argument
+    (a file's content hash where it names one). Kept with the saved variant; a load that finds them
+    changed (re-converted base weights, an edited direction file) makes the variant again."""
+    if argument is not None and Path(argument).expanduser().is_file():
+        argument = argument + ":" + file_sha256(Path(argument).expanduser())[:16]
+    return {"base": model_identity(base), "argument": argument}
 
 
 def list_models() -> list[dict]:

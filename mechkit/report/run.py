@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from mechkit.errors import MechkitError
+from mechkit.models.registry import model_identity
 from mechkit.report.analyses import ANALYSES, Unit, display_name, resolve_settings
 from mechkit.report.page import index_html
 
@@ -43,16 +44,6 @@ def _data_hash() -> str:
         digest.update(str(path.relative_to(root)).encode())
         digest.update(path.read_bytes())
     return digest.hexdigest()[:16]
-
-
-def _model_identity(name: str) -> str:
-    """The name, and for a local folder or file its files' sizes and times (edited weights, new key)."""
-    path = Path(name).expanduser()
-    if not path.exists():
-        return name
-    files = sorted(p for p in ([path] if path.is_file() else path.rglob("*")) if p.is_file())
-    stat = [(str(p.relative_to(path.parent)), p.stat().st_size, int(p.stat().st_mtime)) for p in files]
-    return name + ":" + hashlib.sha256(json.dumps(stat).encode()).hexdigest()[:16]
 
 
 def _file_digests(value) -> dict[str, str]:
@@ -166,7 +157,7 @@ def report(
         page.unlink()  # a folder with an index.html holds a finished report; this one is not, yet
     run_versions = versions()
     base = {"mechkit": run_versions["mechkit"], "data": _data_hash()}
-    identities = {m: _model_identity(m) for m in models}
+    identities = {m: model_identity(m) for m in models}
     folders: dict[str, str] = {}  # model -> its sub-folder name, unique even for two folders named alike
     for m in models:
         name, n = slug(m), 2
