@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from mechkit.data.tasks import TASK_NAMES, Task, builtin_task, tokenise_task
+from mechkit.data.tasks import TASK_NAMES, Task, builtin_task, select_tasks, tokenise_task
 from mechkit.errors import MechkitError
 from mechkit.heads.attribution import METHODS, attribute_heads, task_metric
 from mechkit.heads.interventions import zero_heads
@@ -132,6 +132,12 @@ def test_task_files_fail_clearly(tmp_path):
         Task.from_file(path)
     with pytest.raises(MechkitError, match="unknown task"):
         builtin_task("astrology")
+    clash = tmp_path / "retrieval.jsonl"  # named like a built-in task: its results would overwrite the built-in's
+    clash.write_text(json.dumps({"clean": "a", "answer": " b"}) + "\n")
+    with pytest.raises(MechkitError, match="two tasks are both named 'retrieval'"):
+        select_tasks(["retrieval", str(clash)])
+    path.write_text(json.dumps({"clean": "a", "answer": " b"}) + "\n")
+    assert [t.name for t in select_tasks(["retrieval", "retrieval", str(path)], examples=1)] == ["retrieval", "t"]
 
 
 def test_length_mismatch_and_multi_token_answers_are_dropped_with_reasons():

@@ -125,7 +125,12 @@ def test_bad_names_are_refused_before_any_work(tmp_path, report_model):
         report([str(report_model)], tmp_path / "b", analyses=["probes"], progress=False)
     with pytest.raises(MechkitError, match="has no setting"):
         report([str(report_model)], tmp_path / "c", settings={"head-attribution": {"exmaples": 2}}, progress=False)
-    assert not any((tmp_path / name).exists() for name in "abc")
+    clash = tmp_path / "retrieval.jsonl"  # a user task named like a built-in one would overwrite its results
+    clash.write_text('{"clean": "a", "answer": " b"}\n')
+    with pytest.raises(MechkitError, match="two tasks are both named 'retrieval'"):
+        report([str(report_model)], tmp_path / "d", settings={"head-attribution": {"tasks": ["all", str(clash)]}},
+               progress=False)
+    assert not any((tmp_path / name).exists() for name in "abcd")
 
 
 def test_a_full_disk_leaves_no_report_looking_complete(tmp_path, report_model, monkeypatch):

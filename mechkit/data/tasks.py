@@ -174,7 +174,8 @@ def tokenise_task(model, task: Task) -> TokenisedTask:
 
 def select_tasks(names: list[str], examples: int | None = None) -> list[Task]:
     """Tasks by name (built-in names, ``all`` for every built-in task, JSONL files), each cut
-    to its first ``examples`` examples when given."""
+    to its first ``examples`` examples when given. Two tasks of one name (a file named like a
+    built-in task, or two files of one stem) are refused: results are labelled by task name."""
     if examples is not None and examples < 1:
         raise MechkitError(f"examples must be at least 1, got {examples}")
     expanded = [t for name in names for t in (TASK_NAMES if name == "all" else [name])]
@@ -185,6 +186,12 @@ def select_tasks(names: list[str], examples: int | None = None) -> list[Task]:
             task = Task(task.name, task.clean[:examples], task.answers[:examples], task.corrupted[:examples],
                         task.corrupted_answers[:examples])
         tasks.append(task)
+    seen: dict[str, str] = {}
+    for name, task in zip(dict.fromkeys(expanded), tasks):
+        if task.name in seen:  # results are labelled (and saved) by task name: one would overwrite the other
+            raise MechkitError(f"two tasks are both named {task.name!r} ({seen[task.name]!r} and {name!r}); "
+                               "rename the task file")
+        seen[task.name] = name
     return tasks
 
 

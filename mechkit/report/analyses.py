@@ -302,7 +302,8 @@ ANALYSES: dict[str, Analysis] = {a.name: a for a in [
 
 def resolve_settings(analyses: list[str], overrides: dict[str, dict] | None = None) -> dict[str, dict]:
     """Each chosen analysis's settings: its defaults updated with ``overrides[analysis]``.
-    Unknown analyses or setting names are refused (a typo must not silently run the defaults)."""
+    Unknown analyses or setting names are refused (a typo must not silently run the defaults), and
+    so are task lists that would not load."""
     unknown = [a for a in analyses if a not in ANALYSES]
     if unknown:
         raise MechkitError(f"unknown analysis {unknown}; choose from {list(ANALYSES)}")
@@ -322,6 +323,10 @@ def resolve_settings(analyses: list[str], overrides: dict[str, dict] | None = No
         if name == "head-attribution" and settings[name]["method"] not in HEAD_METHODS:
             raise MechkitError(f"head-attribution.method must be one of {list(HEAD_METHODS)}, got "
                                f"{settings[name]['method']!r}")
+        if "tasks" in settings[name]:  # unknown tasks, broken files, two tasks of one name: refused now
+            from mechkit.data.tasks import select_tasks
+
+            select_tasks(settings[name]["tasks"])
     for name in overrides or {}:
         if name not in ANALYSES:
             raise MechkitError(f"settings given for unknown analysis {name!r}; choose from {list(ANALYSES)}")
