@@ -4,7 +4,8 @@ Triton compiles for a CUDA target without a driver, and its wheel carries ``ptxa
 ``cuobjdump``. This script compiles the rank and top-k kernels for an H100 (sm_90) at the
 Llama-3.1-70B top-k shapes (bf16, d_head 128, vocabulary 128,256, launch configs as the
 dispatch uses them) and prints, for each loop of each kernel, the instructions one warp issues
-per iteration (one column tile, or one block of gathered rows), the issue cycles that make per
+per iteration (one column tile, or one block of gathered rows; a kernel without loops: the
+whole program), the issue cycles that make per
 multiprocessor sub-partition (instructions x warps / 4), the instruction mix, the shared memory
 a program needs, the registers per thread, and the programs per multiprocessor that shared
 memory (227 KiB) and registers (65,536) leave room for.
@@ -96,9 +97,10 @@ def main() -> None:
     pointer = lambda kind: (kind, 0)  # noqa: E731
     i32 = lambda value: ("i32", value)  # noqa: E731
     rank, topk = tp.RANK_CONFIG, tp.TOPK_CONFIG
-    every, pick = topk["every"], -(-int(topk["margin"] * 64) // topk["every"])
+    config = dict(topk)
+    pick, cap, _ = tp._plan(64, V, config)
+    every = config["every"]
     words = -(-V // topk["block_n"] // 32)
-    cap = 2 * pick * every + 64
     kernels = [
         ("rank (compare + count)", tp._rank_kernel, tp._launch_config(CUDA, rank), ["column tile"],
          dict(Y=pointer("*bf16"), B=pointer("*bf16"), T=pointer("*i32"), S=pointer("*fp32"), OUT=pointer("*i32"),
@@ -120,6 +122,11 @@ def main() -> None:
               sf_h=i32(n * words), sf_w=i32(n), st_h=i32(n), so_h=i32(n * cap), so_n=i32(cap), sc_h=i32(n)),
          dict(CAP=cap, CHUNK=topk["chunk"], BLOCK_R=topk["block_r"], BLOCK_N=topk["block_n"], R_PAD=r, IEEE=False,
               r=r, V=V)),
+        ("top-k select", tp._select_kernel, {"num_warps": 4, "num_stages": 1},
+         [f"whole program ({tp.SELECT_ELEMENTS // cap} rows x {cap} candidates)"],
+         dict(CAND_S=pointer("*fp32"), CAND_I=pointer("*i32"), OUT_S=pointer("*fp32"), OUT_I=pointer("*i64"),
+              rows=i32(n), k=i32(64)),
+         dict(CAP=cap, K_PAD=64, BLOCK_ROWS=tp.SELECT_ELEMENTS // cap)),
     ]
     print(f"Compiled for sm_90 (H100) by Triton {triton.__version__}, bf16 inputs, d_head {r}, V {V}; "
           f"top-k k=64, every={every}, pick={pick}")
@@ -128,7 +135,8 @@ def main() -> None:
         kernel = compile_kernel(fn, args, constants, launch)
         sass, registers = disassemble(kernel)
         shared = kernel.metadata.shared
-        found = loops(sass)
+        found = loops(sass) or [(sum(whole.values()), whole)
+                                for whole in [Counter(m.group(2) for m in map(INSTRUCTION.match, sass.splitlines()) if m)]]
         for index, (count, body) in enumerate(found):
             label = labels[index] if index < len(labels) else f"loop {index + 1}"
             mix = ", ".join(f"{op} {c}" for op, c in body.most_common(5))

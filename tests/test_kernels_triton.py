@@ -185,6 +185,28 @@ def test_the_flag_pass_marks_exactly_the_tiles_that_reach_each_rows_threshold():
     assert (flagged[..., ::every].sum(-1) >= pick).all()
 
 
+def test_the_select_kernel_keeps_the_best_candidates_ties_to_the_lower_column():
+    """The top-k's last pass (which the interpreted end-to-end tests replace by its torch rule,
+    too slow there) against that rule: random candidates with -inf padding, equal scores, and
+    negative scores, whose raw float bits order backwards."""
+    from mechkit.kernels.projection import top_by_score_then_index
+    from mechkit.kernels.triton_projection import _select_kernel
+
+    g = torch.Generator().manual_seed(4)
+    H, n, cap, k = 2, 5, 32, 7
+    scores = torch.randn(H, n, cap, generator=g).round(decimals=1)  # rounding makes many ties
+    scores[..., 20:] = float("-inf")  # unfilled slots
+    scores[0, 0, :20] = -0.5  # a row of equal negative scores: the lowest columns win
+    columns = torch.stack([torch.randperm(1000, generator=g)[:cap] for _ in range(H * n)]).view(H, n, cap).int()
+    got_s = torch.empty(H, n, k, device=DEVICE)
+    got_i = torch.empty(H, n, k, dtype=torch.long, device=DEVICE)
+    _select_kernel[(triton.cdiv(H * n, 4),)](scores.to(DEVICE), columns.to(DEVICE), got_s, got_i, H * n, k,
+                                             CAP=cap, K_PAD=8, BLOCK_ROWS=4)
+    want_s, want_i = top_by_score_then_index(scores, columns, k)
+    assert torch.equal(got_i.cpu(), want_i) and torch.equal(got_s.cpu(), want_s)
+    assert got_i[0, 0].tolist() == sorted(columns[0, 0, :20].tolist())[:k]
+
+
 def test_requesting_triton_without_a_gpu_falls_back_with_a_notice(monkeypatch):
     if CUDA:
         pytest.skip("a GPU is present")

@@ -38,10 +38,7 @@ import triton.language as tl
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from mechkit.kernels.projection import (
-    projection_topk_reference,
-    top_by_score_then_index,
-)
+from mechkit.kernels.projection import projection_topk_reference, top_by_score_then_index
 
 
 def _tile_order(n_tiles: int) -> int:
@@ -225,14 +222,42 @@ def _gather_kernel(Y, B, FLAGS, THRESH, OUT_S, OUT_I, COUNT, SCRATCH, n, items,
         item += tl.num_programs(0)
 
 
+@no_type_check  # Triton compiles these; the runtime shape checker must not wrap them
+@triton.jit
+def _select_kernel(CAND_S, CAND_I, OUT_S, OUT_I, rows, k,
+                   CAP: tl.constexpr, K_PAD: tl.constexpr, BLOCK_ROWS: tl.constexpr):
+    """Pass 3 of the top-k: each row's ``k`` best of its CAP candidates, descending, ties to the
+    lower column, by one bitonic top-k (``tl.topk``) over int64 keys holding the score's
+    order-preserving bits above the inverted column (the rule of ``top_by_score_then_index``)."""
+    row = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    row_ok = row < rows
+    at = row.to(tl.int64)[:, None] * CAP + tl.arange(0, CAP)[None, :]
+    score = tl.load(CAND_S + at, mask=row_ok[:, None], other=float("-inf"))
+    col = tl.load(CAND_I + at, mask=row_ok[:, None], other=0).to(tl.int64)
+    bits = score.to(tl.int32, bitcast=True)
+    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    best = tl.topk((ordered.to(tl.int64) << 32) | (0xFFFFFFFF - col), K_PAD, dim=1)
+    high = (best >> 32).to(tl.int32)
+    slot = tl.arange(0, K_PAD)[None, :]
+    out = row.to(tl.int64)[:, None] * k + slot
+    keep = row_ok[:, None] & (slot < k)
+    tl.store(OUT_S + out, (high ^ ((high >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True), mask=keep)
+    tl.store(OUT_I + out, 0xFFFFFFFF - (best & 0xFFFFFFFF), mask=keep)
+
+
 def _rows_contiguous(X: Tensor) -> Tensor:
     """Unit stride along the last axis; other strides (a stride-0 head axis for a shared B) are kept."""
     return X if X.stride(-1) == 1 else X.contiguous()
 
 
+def _interpreted() -> bool:
+    """Whether Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def _ieee(Y: Tensor) -> bool:
     """fp32 inputs, or any input under the interpreter, go through the widened IEEE dot."""
-    return Y.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1"
+    return Y.dtype == torch.float32 or _interpreted()
 
 
 def _block_k(r: int) -> int:
@@ -345,17 +370,24 @@ def _r_pad(r: int) -> int:
 
 
 def _select(cand_s: Tensor, cand_i: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """The ``k`` best candidates of each row, ties to the lower index: a float top-(k+1),
-    then the exact (score, index) order only where the k-th and (k+1)-th scores tie."""
-    if cand_s.shape[-1] <= k + 1:
+    """The ``k`` best of each row of ``(heads, n, cap)`` candidates (cap a power of two): scores
+    (float32) and columns (int64), ties to the lower column. :func:`_select_kernel` on a GPU;
+    under the interpreter, whose bitonic network costs seconds per thousand candidates, the same
+    rule in torch (``tests/test_kernels_triton.py`` checks the kernel against it)."""
+    if _interpreted():
         return top_by_score_then_index(cand_s, cand_i, k)
-    vals, pos = cand_s.topk(k + 1, dim=-1)
-    scores, index = top_by_score_then_index(vals[..., :k], cand_i.gather(-1, pos[..., :k]), k)
-    tied = vals[..., k - 1] == vals[..., k]
-    if tied.any():
-        scores[tied], index[tied] = top_by_score_then_index(cand_s[tied], cand_i[tied], k)
+    H, n, cap = cand_s.shape
+    scores = torch.empty(H, n, k, device=cand_s.device)
+    index = torch.empty(H, n, k, dtype=torch.long, device=cand_s.device)
+    block_rows = max(1, SELECT_ELEMENTS // cap)
+    _select_kernel[(triton.cdiv(H * n, block_rows),)](
+        cand_s, cand_i, scores, index, H * n, k, CAP=cap, K_PAD=triton.next_power_of_2(k), BLOCK_ROWS=block_rows,
+        **({"num_warps": 4} if cand_s.device.type == "cuda" else {}))
     return scores, index
 
+
+# Candidates (rows x buffer) one program of the select sorts at once.
+SELECT_ELEMENTS = 2048
 
 # Bytes of candidate buffers (score + column) one collect launch may hold.
 CANDIDATE_BYTES = 1 << 30
@@ -422,14 +454,16 @@ def topk_triton(
 
 def _plan(k: int, V: int, config: dict) -> tuple[int, int, int]:
     """Settle ``config["every"]`` (at least k sampled tiles where the vocabulary allows) and return
-    the tight threshold's rank among the sampled maxima and the two buffer sizes (the whole
-    vocabulary where too few tiles are sampled for a threshold: every column is a candidate)."""
+    the tight threshold's rank among the sampled maxima and the two buffer sizes, powers of two
+    about twice the scores each threshold lets through on typical rows (the whole vocabulary
+    where too few tiles are sampled for a threshold: every column is a candidate)."""
     tiles = triton.cdiv(V, config["block_n"])
     config["every"] = every = max(1, min(config["every"], tiles // k))
     sampled = triton.cdiv(tiles, every)
     pick = min(k, math.ceil(config["margin"] * k / every))
-    cap = V if sampled < pick else min(V, 2 * pick * every + 64)
-    safe_cap = V if sampled < k else min(V, 4 * k * every + 64)
+    smallest, whole = triton.next_power_of_2(k), triton.next_power_of_2(V)  # (the select sorts powers of two)
+    cap = whole if sampled < pick else min(whole, max(smallest, triton.next_power_of_2(2 * pick * every)))
+    safe_cap = whole if sampled < k else min(whole, max(smallest, triton.next_power_of_2(4 * k * every)))
     return pick, cap, safe_cap
 
 
