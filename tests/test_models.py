@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import mechkit
-from mechkit.errors import ModelNotFoundError
+from mechkit.errors import MechkitError, ModelNotFoundError
 from mechkit.models import loading
 from mechkit.models.synthetic import TinyConfig, set_head_ov, tiny_hf_model, tiny_model
 
@@ -48,6 +48,19 @@ def test_local_folder_round_trip(tmp_path):
     assert loaded.mechkit.weights_hash(loaded) == built.mechkit.weights_hash(built)
     other = tiny_model("llama", **{**shape, "seed": 6})
     assert other.mechkit.weights_hash(other) != built.mechkit.weights_hash(built)
+
+
+def test_a_local_folder_is_a_chat_model_only_when_told_and_its_tokenizer_has_a_template(tmp_path):
+    hf_model, tokenizer, _ = tiny_hf_model("llama", n_layers=1, d_model=32, n_heads=4, n_kv_heads=2, seed=5)
+    hf_model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    assert mechkit.load_model(tmp_path).mechkit.chat is False  # a folder alone cannot say
+    with pytest.raises(MechkitError, match="no chat template"):
+        mechkit.load_model(tmp_path, chat=True)
+    tokenizer.chat_template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+    tokenizer.save_pretrained(tmp_path)
+    assert mechkit.load_model(tmp_path).mechkit.chat is False
+    assert mechkit.load_model(tmp_path, chat=True).mechkit.chat is True
 
 
 def test_list_models_names_bundled_models():

@@ -257,6 +257,7 @@ def load_model(
     n_devices: int | None = None,
     max_memory: dict[str | int, str | int] | None = None,
     offload_folder: str | os.PathLike | None = None,
+    chat: bool | None = None,
 ) -> TransformerBridge:
     """Load a model as a TransformerLens 4 ``TransformerBridge`` with its tokenizer attached.
 
@@ -274,6 +275,10 @@ def load_model(
             budget per GPU, as TransformerLens 4's ``n_devices``). Not with ``device=``.
         max_memory: per-device budget for accelerate, e.g. ``{0: "70GiB", 1: "70GiB"}``.
         offload_folder: where ``"disk"`` entries of the map go (default: a temporary folder).
+        chat: whether prompts go through the tokenizer's chat template (refusal and jailbreak
+            data do). Default: as registered for bundled and cached models, False for a local
+            folder, a ``.gguf`` file or a hub id (mechkit cannot tell an instruct model from a
+            base model that ships a template); pass ``chat=True`` for an instruct model there.
 
     Returns:
         The bridge, with HookedTransformer hook names (``blocks.{l}.hook_resid_post``,
@@ -323,7 +328,10 @@ def load_model(
         info = ModelInfo(name, "hub", False, None)
     else:
         raise unknown_model_error(name)
-    info.chat = info.chat and bool(getattr(bridge.tokenizer, "chat_template", None))
+    template = bool(getattr(bridge.tokenizer, "chat_template", None))
+    if chat and not template:
+        raise MechkitError(f"chat=True, but {info.name}'s tokenizer has no chat template; load it with chat=False")
+    info.chat = (info.chat if chat is None else chat) and template
     info.prepend_bos = meta.get("prepend_bos", getattr(bridge, "mechkit_prepend_bos", True))
     info._weights_hash = getattr(bridge, "mechkit_weights_hash", None)
     bridge.mechkit = info
