@@ -253,11 +253,11 @@ def gpu_topk_diagnosis(args, rate: float) -> None:
         fn()
         seconds = timed(fn)
         rows.append([name, f"{seconds * 1e3:.1f}", f"{flops / seconds / 1e12:.0f}", f"{flops / seconds / rate:.0%}"])
-    bits = torch.stack([(flags >> b) & 1 for b in range(32)]).sum(0)
+    pairs = sum(((flags >> b) & 1).sum(1) for b in range(32))  # flagged tiles per (head, row)
     print(f"\nDiagnosis: {heads} heads x {V} rows x V = {V}, config {config}, pick {pick}, buffer {cap}")
     print_table(["step", "ms", "TFLOP/s (of the whole problem)", "of bf16 rate"], rows)
     count = cand[2].float()
-    print(f"  flagged (row, tile) pairs per row: mean {bits.sum(1).float().mean():.1f}; kept scores per row: "
+    print(f"  flagged (row, tile) pairs per row: mean {pairs.float().mean():.1f}; kept scores per row: "
           f"mean {count.mean():.1f}, under k {(count < k).float().mean():.2%} of rows, over the buffer "
           f"{(count > cap).float().mean():.2%}")
 

@@ -389,7 +389,7 @@ def _select(cand_s: Tensor, cand_i: Tensor, k: int) -> tuple[Tensor, Tensor]:
 # Candidates (rows x buffer) one program of the select sorts at once.
 SELECT_ELEMENTS = 2048
 
-# Bytes of candidate buffers (score + column) one collect launch may hold.
+# Bytes of candidate buffers (score + column) one gather launch may fill.
 CANDIDATE_BYTES = 1 << 30
 
 
@@ -408,13 +408,13 @@ def topk_triton(
     ``ceil(margin * k / every)``-th largest sampled tile maximum: about margin * k scores reach it
     on typical rows), then scores every tile and marks, per row, the tiles whose maximum reaches
     it. (2) The gather pass scores the marked (row, tile) pairs again, grouped by tile, and keeps
-    the scores at or above the threshold. (3) A top-k over those few. A row with at least k kept
+    the scores at or above the threshold. (3) The select takes the top k of those few. A row with at least k kept
     scores that fit its buffer is exact whatever the threshold was; the others go through both
     passes again with the *safe* threshold (the k-th largest sampled maximum: k tiles hold a score
     at or above it) and a larger buffer, and any still short or over it are redone with the torch
-    reference. Ties go to the lower index. ``config`` overrides :data:`TOPK_CONFIG` (and :data:`TOPK_CONFIG_FP32`); ``timings``,
-    if given, receives seconds per step (synchronising the GPU, for the benchmark) and the number
-    of redone rows.
+    reference. Ties go to the lower index. ``config`` overrides :data:`TOPK_CONFIG` (and, for
+    float32 inputs, :data:`TOPK_CONFIG_FP32`); ``timings``, if given, receives seconds per step
+    (synchronising the GPU, for the benchmark) and the number of redone rows.
     """
     config = {**TOPK_CONFIG, **(TOPK_CONFIG_FP32 if Y.dtype == torch.float32 else {}), **(config or {})}
     H, n, r = Y.shape
