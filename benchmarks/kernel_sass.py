@@ -14,11 +14,13 @@ These are static counts, not timings: they say how much work the epilogue adds t
 and whether two programs fit a multiprocessor, which is what limited the earlier top-k (see
 benchmarks/RESULTS.md); a GPU run of bench_kernels.py is what measures speed.
 
-    python benchmarks/kernel_sass.py
+    python benchmarks/kernel_sass.py          # the table
+    python benchmarks/kernel_sass.py --json   # the rows as JSON (tests/test_kernel_costs.py reads them)
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -91,7 +93,8 @@ def loops(sass: str) -> list[tuple[int, Counter]]:
     return [(sum(body.values()), body) for _, body in found]
 
 
-def main() -> None:
+def measure() -> tuple[str, list[dict]]:
+    """Compile every kernel and count: a header line and one row per loop."""
     V = n = 128256
     r = 128
     pointer = lambda kind: (kind, 0)  # noqa: E731
@@ -128,8 +131,8 @@ def main() -> None:
               rows=i32(n), k=i32(64)),
          dict(CAP=cap, K_PAD=64, BLOCK_ROWS=tp.SELECT_ELEMENTS // cap)),
     ]
-    print(f"Compiled for sm_90 (H100) by Triton {triton.__version__}, bf16 inputs, d_head {r}, V {V}; "
-          f"top-k k=64, every={every}, pick={pick}")
+    header = (f"Compiled for sm_90 (H100) by Triton {triton.__version__}, bf16 inputs, d_head {r}, V {V}; "
+              f"top-k k=64, every={every}, pick={pick}")
     rows = []
     for name, fn, launch, labels, args, constants in kernels:
         kernel = compile_kernel(fn, args, constants, launch)
@@ -137,14 +140,27 @@ def main() -> None:
         shared = kernel.metadata.shared
         found = loops(sass) or [(sum(whole.values()), whole)
                                 for whole in [Counter(m.group(2) for m in map(INSTRUCTION.match, sass.splitlines()) if m)]]
+        programs = min(SHARED_PER_SM // max(shared, 1), REGISTERS_PER_SM // (registers * 32 * launch["num_warps"]))
         for index, (count, body) in enumerate(found):
-            label = labels[index] if index < len(labels) else f"loop {index + 1}"
-            mix = ", ".join(f"{op} {c}" for op, c in body.most_common(5))
-            rows.append([name, label, f"{count}", f"{count * launch['num_warps'] / 4:.0f}", mix,
-                         f"{shared / 1024:.0f}", f"{registers}", f"{launch['num_warps']}",
-                         f"{min(SHARED_PER_SM // max(shared, 1), REGISTERS_PER_SM // (registers * 32 * launch['num_warps']))}"])
+            rows.append(dict(kernel=name, loop=labels[index] if index < len(labels) else f"loop {index + 1}",
+                             instructions=count, issue_cycles=count * launch["num_warps"] / 4,
+                             mix=", ".join(f"{op} {c}" for op, c in body.most_common(5)), opcodes=dict(body),
+                             shared_kib=shared / 1024, registers=registers, warps=launch["num_warps"],
+                             programs_per_sm=programs))
+    return header, rows
+
+
+def main() -> None:
+    header, rows = measure()
+    if "--json" in sys.argv:
+        print(json.dumps(rows))
+        return
+    print(header)
     print_table(["kernel", "loop: one iteration is", "instructions per warp", "issue cycles per sub-partition",
-                 "most frequent", "shared KiB", "registers", "warps", "programs per SM"], rows)
+                 "most frequent", "shared KiB", "registers", "warps", "programs per SM"],
+                [[row["kernel"], row["loop"], f"{row['instructions']}", f"{row['issue_cycles']:.0f}", row["mix"],
+                  f"{row['shared_kib']:.0f}", f"{row['registers']}", f"{row['warps']}", f"{row['programs_per_sm']}"]
+                 for row in rows])
 
 
 if __name__ == "__main__":
