@@ -96,8 +96,10 @@ RANK_SWEEP = [dict(block_m=m, block_n=nb, num_warps=w, num_stages=st)
 # The top-k sweep in three stages, each keeping its best for the next: the flag pass's tiles, the
 # gather pass's shape and registers, then how many scores the threshold lets through.
 TOPK_SWEEPS = [
-    ("flag pass tiles", [dict(block_m=m, num_warps=w, num_stages=st)
-                         for m, w, st in ((128, 4, 3), (128, 4, 4), (128, 4, 2), (128, 8, 3), (256, 8, 2), (64, 4, 4))]),
+    ("flag pass tiles", [dict(block_m=m, num_warps=w, num_stages=st, paired=paired)
+                         for m, w, st, paired in ((128, 4, 3, False), (128, 4, 4, False), (128, 4, 2, False),
+                                                  (128, 8, 3, False), (256, 8, 2, False), (64, 4, 4, False),
+                                                  (128, 4, 2, True), (128, 4, 3, True), (128, 8, 2, True))]),
     ("gather pass", [dict(chunk=c, block_r=br, gather_warps=w, gather_per_sm=p, gather_maxnreg=reg)
                      for c, br, w, p, reg in ((2048, 64, 4, 4, 128), (2048, 64, 4, 2, None), (1024, 64, 4, 4, 128),
                                               (4096, 64, 4, 4, 128), (2048, 128, 8, 2, 128), (2048, 64, 4, 5, 96))]),
@@ -213,7 +215,8 @@ def gpu_topk(args, rate: float) -> None:
     rows = []
     results = {}
     best = triton_projection.TOPK_CONFIG
-    for name, backend in ((f"Triton: flag pass (threshold from every {best['every']}th tile, margin {best['margin']}), "
+    for name, backend in ((f"Triton: flag pass ({'two tiles per product, ' if best['paired'] else ''}threshold from "
+                           f"every {best['every']}th tile, margin {best['margin']}), "
                            "gather pass over the flagged (row, tile) pairs, top-k of the candidates", "triton"),
                           ("torch reference (blocked running top-k)", "reference")):
         seconds, mem = peak(lambda: results.__setitem__(backend, projection_topk(Y, B, k, backend=backend)))

@@ -43,5 +43,6 @@ def test_the_flag_pass_issues_at_most_half_the_rank_kernels_work_per_tile(costs)
 
 def test_the_top_k_passes_leave_room_for_several_programs_per_multiprocessor(costs):
     assert costs[("top-k flag pass", "column tile (flags)")]["programs_per_sm"] >= 2
+    assert costs[("top-k flag pass (paired, 2 stages)", "two column tiles (flags)")]["programs_per_sm"] >= 2
     assert costs[("top-k gather pass", "block of 64 gathered rows")]["programs_per_sm"] >= 4
     assert costs[("top-k select", next(loop for kernel, loop in costs if kernel == "top-k select"))]["registers"] < 128

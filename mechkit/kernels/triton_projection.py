@@ -126,17 +126,39 @@ def _tile_max(y, B, ks, cols, sb_r, r: tl.constexpr, V: tl.constexpr, IEEE: tl.c
 
 @no_type_check  # Triton compiles these; the runtime shape checker must not wrap them
 @triton.jit
+def _tile_pair_max(y, B, ks, cols, sb_r, r: tl.constexpr, V: tl.constexpr, IEEE: tl.constexpr):
+    """Each row's largest score in each half of the column tile ``cols``: two adjacent flag tiles
+    scored by one product twice as wide (fewer instructions per score around the product)."""
+    col_ok = cols < V
+    b = tl.load(B + ks[:, None] * sb_r + cols[None, :], mask=(ks[:, None] < r) & col_ok[None, :], other=0.0)
+    acc = _dot(y, b, tl.zeros((y.shape[0], cols.shape[0]), dtype=tl.float32), IEEE)
+    acc = tl.where(col_ok[None, :], acc, float("-inf"))
+    first, second = tl.split(tl.permute(tl.reshape(acc, (y.shape[0], 2, cols.shape[0] // 2)), (0, 2, 1)))
+    return tl.max(first, axis=1), tl.max(second, axis=1)
+
+
+# How far below its threshold a row's tiles are flagged, relative to its largest sampled maximum:
+# far above the float32 rounding of a d_head-long sum (about 1e-5 of it) and cheap (few scores lie
+# in the band).
+FLAG_SLACK = 2.0**-10
+_FLAG_SLACK = tl.constexpr(FLAG_SLACK)  # (a kernel reads globals only as constexpr)
+
+
+@no_type_check  # Triton compiles these; the runtime shape checker must not wrap them
+@triton.jit
 def _flag_kernel(Y, B, FLAGS, THRESH, n,
                  sy_h, sy_n, sb_h, sb_r, sf_h, sf_w, st_h,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr, IEEE: tl.constexpr,
-                 r: tl.constexpr, V: tl.constexpr, EVERY: tl.constexpr, PICK: tl.constexpr, SLOTS: tl.constexpr):
+                 r: tl.constexpr, V: tl.constexpr, EVERY: tl.constexpr, PICK: tl.constexpr, SLOTS: tl.constexpr,
+                 PAIRED: tl.constexpr):
     """Pass 1 of the top-k: per row, a threshold and a bitmask of the column tiles that reach it.
 
     The row block stays resident. First every ``EVERY``-th column tile is scored and each row
     keeps the ``PICK`` largest tile maxima in registers; the smallest of them is the row's
     threshold THRESH[h, i] (at least PICK scores reach it). Then every tile is scored and bit
-    ``j % 32`` of FLAGS[h, j // 32, i] says whether tile j's maximum reaches the threshold.
-    The per-score work is one max; stores happen once per row every 32 tiles."""
+    ``j % 32`` of FLAGS[h, j // 32, i] says whether tile j's maximum reaches the threshold, less
+    FLAG_SLACK times the largest sampled maximum (``PAIRED``: two tiles per product). The per-score work is one max; stores happen once per row
+    every 32 tiles."""
     pid, head = tl.program_id(0), tl.program_id(1)
     Y += head.to(tl.int64) * sy_h  # the head's offset on the scalar base keeps the tile offsets int32
     B += head.to(tl.int64) * sb_h
@@ -157,13 +179,26 @@ def _flag_kernel(Y, B, FLAGS, THRESH, n,
         best = tl.where((slot == at[:, None]) & (top > low)[:, None], top[:, None], best)
     thresh = tl.min(best, axis=1)
     tl.store(THRESH + head * st_h + rows, thresh, mask=row_ok)
+    # Flags reach a little below the threshold: the gather pass scores the tiles again with products
+    # of another shape, whose float sums may round differently; every tile holding a score at or
+    # above the threshold by its arithmetic must be flagged. (Extra tiles only cost a little work.)
+    scale = tl.max(tl.where((slot < PICK) & (best > float("-inf")), tl.abs(best), 0.0), axis=1)
+    thresh = thresh - _FLAG_SLACK * scale
     bits = tl.zeros((BLOCK_M,), dtype=tl.int32)
-    for j in range(n_tiles):
-        top = _tile_max(y, B, ks, j * BLOCK_N + tl.arange(0, BLOCK_N), sb_r, r, V, IEEE)
-        bits |= (top >= thresh).to(tl.int32) << (j % 32)
-        if (j % 32 == 31) | (j == n_tiles - 1):
-            tl.store(FLAGS + (j // 32) * sf_w + rows, bits, mask=row_ok)
-            bits = tl.zeros((BLOCK_M,), dtype=tl.int32)
+    if PAIRED:  # (with an odd tile count the last pair's second half lies past V: its bit is never read)
+        for j in range(0, n_tiles, 2):
+            first, second = _tile_pair_max(y, B, ks, j * BLOCK_N + tl.arange(0, 2 * BLOCK_N), sb_r, r, V, IEEE)
+            bits |= ((first >= thresh).to(tl.int32) << (j % 32)) | ((second >= thresh).to(tl.int32) << ((j + 1) % 32))
+            if (j % 32 == 30) | (j + 2 >= n_tiles):
+                tl.store(FLAGS + (j // 32) * sf_w + rows, bits, mask=row_ok)
+                bits = tl.zeros((BLOCK_M,), dtype=tl.int32)
+    else:
+        for j in range(n_tiles):
+            top = _tile_max(y, B, ks, j * BLOCK_N + tl.arange(0, BLOCK_N), sb_r, r, V, IEEE)
+            bits |= (top >= thresh).to(tl.int32) << (j % 32)
+            if (j % 32 == 31) | (j == n_tiles - 1):
+                tl.store(FLAGS + (j // 32) * sf_w + rows, bits, mask=row_ok)
+                bits = tl.zeros((BLOCK_M,), dtype=tl.int32)
 
 
 @no_type_check  # Triton compiles these; the runtime shape checker must not wrap them
@@ -266,17 +301,19 @@ def _block_k(r: int) -> int:
 
 # Tile sizes and launch settings on CUDA (benchmarks/bench_kernels.py sweeps them on the GPU it runs
 # on). RANK_CONFIG is the best the sweep found on an H100. TOPK_CONFIG: the flag pass (block_m x
-# block_n tiles, num_warps, num_stages; a threshold from every ``every``-th tile, set to let about
-# margin * k scores through), the gather pass (persistent programs, ``gather_per_sm`` a multiprocessor,
-# chunks of ``chunk`` rows scored ``block_r`` at a time with ``gather_warps``, registers capped at
-# ``gather_maxnreg`` so that four programs fit). Not yet swept on a GPU: chosen from the compiled
-# code's instruction counts, shared memory and registers (benchmarks/kernel_sass.py, RESULTS.md).
+# block_n tiles, two per product with ``paired``; num_warps, num_stages; a threshold from every
+# ``every``-th tile, set to let about margin * k scores through), the gather pass (persistent
+# programs, ``gather_per_sm`` a multiprocessor, chunks of ``chunk`` rows scored ``block_r`` at a time
+# with ``gather_warps``, registers capped at ``gather_maxnreg`` so that four programs fit). Not yet
+# swept on a GPU: chosen from the compiled code's instruction counts, shared memory and registers
+# (benchmarks/kernel_sass.py, RESULTS.md).
 RANK_CONFIG = dict(block_m=128, block_n=64, num_warps=4, num_stages=3)
-TOPK_CONFIG = dict(block_m=128, block_n=64, num_warps=4, num_stages=3, every=8, margin=2.0,
+TOPK_CONFIG = dict(block_m=128, block_n=64, num_warps=4, num_stages=3, paired=False, every=8, margin=2.0,
                    chunk=2048, block_r=64, gather_warps=4, gather_stages=1, gather_per_sm=4, gather_maxnreg=128)
 # float32 inputs multiply on CUDA cores (IEEE, never TF32); with the tiles above their operands
-# spill to local memory (counted in the compiled code), these do not.
-TOPK_CONFIG_FP32 = dict(block_m=32, block_r=16)
+# spill to local memory by the thousand instructions (counted in the compiled code), with these a
+# few dozen; paired tiles spill again.
+TOPK_CONFIG_FP32 = dict(block_m=32, block_r=16, paired=False)
 
 
 def _launch_config(device: torch.device, config: dict, prefix: str = "") -> dict:
@@ -335,7 +372,8 @@ def _flag_pass(Y: Tensor, B: Tensor, pick: int, config: dict) -> tuple[Tensor, T
     _flag_kernel[(triton.cdiv(n, config["block_m"]), H)](
         Y, B, flags, thresh, n, Y.stride(0), Y.stride(1), B.stride(0), B.stride(1), flags.stride(0), flags.stride(1),
         thresh.stride(0), BLOCK_M=config["block_m"], BLOCK_N=config["block_n"], R_PAD=_r_pad(r), IEEE=_ieee(Y), r=r,
-        V=V, EVERY=config["every"], PICK=pick, SLOTS=triton.next_power_of_2(pick), **_launch_config(Y.device, config))
+        V=V, EVERY=config["every"], PICK=pick, SLOTS=triton.next_power_of_2(pick), PAIRED=bool(config["paired"]),
+        **_launch_config(Y.device, config))
     return flags, thresh
 
 
