@@ -46,6 +46,7 @@ def batched_lbfgs(
     running = torch.arange(cells)
     x = x0.clone()
     loss, grad = objective(x, None)
+    previous = torch.full_like(loss, float("inf"))  # the last iteration's loss (none yet: never "unchanged")
     # History oldest -> newest along dim 1. A rejected pair (no curvature) is stored as zeros with a
     # unit diagonal in R, which makes it inert in the compact form below.
     S = x.new_zeros(cells, 0, p)
@@ -54,9 +55,7 @@ def batched_lbfgs(
     YY = x.new_zeros(cells, 0, 0)
     gamma = x.new_ones(cells)
     for it in range(max_iter):
-        done = grad.abs().amax(1) <= tol
-        if it:
-            done |= (previous - loss).abs() <= ftol * loss.abs().clamp_min(1.0)
+        done = (grad.abs().amax(1) <= tol) | ((previous - loss).abs() <= ftol * loss.abs().clamp_min(1.0))
         if done.any():
             solution[running[done]] = x[done]
             iterations[running[done]] = it
@@ -64,9 +63,7 @@ def batched_lbfgs(
             if keep.numel() == 0:
                 return solution, iterations
             running, x, loss, grad = running[keep], x[keep], loss[keep], grad[keep]
-            S, Y, SY, YY, gamma = S[keep], Y[keep], SY[keep], YY[keep], gamma[keep]
-            if it:
-                previous = previous[keep]
+            S, Y, SY, YY, gamma, previous = S[keep], Y[keep], SY[keep], YY[keep], gamma[keep], previous[keep]
             compact(keep)
         direction = -_inverse_hessian_times(S, Y, SY, YY, gamma, grad)
         slope = (grad * direction).sum(1)
