@@ -116,12 +116,19 @@ def _rank_kernel(Y, B, T, S, OUT, n, k_limit,
 
 @no_type_check  # Triton compiles these; the runtime shape checker must not wrap them
 @triton.jit
-def _tile_max(y, B, ks, cols, sb_r, r: tl.constexpr, V: tl.constexpr, IEEE: tl.constexpr):
-    """Each row's largest score in the column tile ``cols`` (``y`` is the resident row block)."""
+def _tile_scores(y, B, ks, cols, sb_r, r: tl.constexpr, V: tl.constexpr, IEEE: tl.constexpr):
+    """The scores of the resident row block ``y`` against the column tile ``cols`` (-inf past V)."""
     col_ok = cols < V
     b = tl.load(B + ks[:, None] * sb_r + cols[None, :], mask=(ks[:, None] < r) & col_ok[None, :], other=0.0)
     acc = _dot(y, b, tl.zeros((y.shape[0], cols.shape[0]), dtype=tl.float32), IEEE)
-    return tl.max(tl.where(col_ok[None, :], acc, float("-inf")), axis=1)
+    return tl.where(col_ok[None, :], acc, float("-inf"))
+
+
+@no_type_check  # Triton compiles these; the runtime shape checker must not wrap them
+@triton.jit
+def _tile_max(y, B, ks, cols, sb_r, r: tl.constexpr, V: tl.constexpr, IEEE: tl.constexpr):
+    """Each row's largest score in the column tile ``cols``."""
+    return tl.max(_tile_scores(y, B, ks, cols, sb_r, r, V, IEEE), axis=1)
 
 
 @no_type_check  # Triton compiles these; the runtime shape checker must not wrap them
@@ -129,10 +136,7 @@ def _tile_max(y, B, ks, cols, sb_r, r: tl.constexpr, V: tl.constexpr, IEEE: tl.c
 def _tile_pair_max(y, B, ks, cols, sb_r, r: tl.constexpr, V: tl.constexpr, IEEE: tl.constexpr):
     """Each row's largest score in each half of the column tile ``cols``: two adjacent flag tiles
     scored by one product twice as wide (fewer instructions per score around the product)."""
-    col_ok = cols < V
-    b = tl.load(B + ks[:, None] * sb_r + cols[None, :], mask=(ks[:, None] < r) & col_ok[None, :], other=0.0)
-    acc = _dot(y, b, tl.zeros((y.shape[0], cols.shape[0]), dtype=tl.float32), IEEE)
-    acc = tl.where(col_ok[None, :], acc, float("-inf"))
+    acc = _tile_scores(y, B, ks, cols, sb_r, r, V, IEEE)
     first, second = tl.split(tl.permute(tl.reshape(acc, (y.shape[0], 2, cols.shape[0] // 2)), (0, 2, 1)))
     return tl.max(first, axis=1), tl.max(second, axis=1)
 

@@ -320,7 +320,7 @@ def load_model(
             raise ModelNotFoundError(
                 f"{path} is not a model: pass a Hugging Face model folder or a .gguf file."
             )
-    elif "/" in name and not name.startswith((".", "/", "~")) and name.count("/") == 1:
+    elif _is_hub_id(name):
         bridge = _load_hub(name, device, dtype, placement)
         info = ModelInfo(name, "hub", False, None)
     elif name in _tl_official_names():
@@ -361,9 +361,14 @@ def check_model_name(name: str) -> None:
     if (variant := split_variant(name)) is not None:
         check_model_name(variant[0])
         return
-    if ("/" in name and not name.startswith((".", "/", "~")) and name.count("/") == 1) or name in _tl_official_names():
+    if _is_hub_id(name) or name in _tl_official_names():
         return
     raise unknown_model_error(name)
+
+
+def _is_hub_id(name: str) -> bool:
+    """``org/name``: one slash, not a relative or absolute path."""
+    return "/" in name and not name.startswith((".", "/", "~")) and name.count("/") == 1
 
 
 def _tl_official_names() -> set[str]:

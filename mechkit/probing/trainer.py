@@ -147,7 +147,7 @@ def fit_probes(
         raise MechkitError(f"solver must be 'batched' or 'torch', got {solver!r}")
     if group_size is None:  # GPU: every cell at once; CPU: as many cells as keep their data in cache
         n, d = X.shape[1], X.shape[2]
-        width = n if 2 * n < d else d
+        width = n if _solve_in_row_span(n, d) else d
         group_size = X.shape[0] if X.device.type == "cuda" else max(1, CPU_GROUP_BYTES // (8 * n * width))
     parts = [_fit_group(X[s:s + group_size], y, C=C, balanced=balanced, max_iter=max_iter, tol=tol, solver=solver)
              for s in range(0, X.shape[0], group_size)]
@@ -155,6 +155,12 @@ def fit_probes(
         return parts[0]
     return BatchedProbe(*(torch.cat([getattr(p, f) for p in parts]) for f in ("weight", "bias", "mean", "scale")),
                         max(p.iterations for p in parts))
+
+
+def _solve_in_row_span(n: int, d: int) -> bool:
+    """Whether to solve in the span of the ``n`` (centred) training rows instead of all ``d``
+    features: the L2 optimum lies there, exactly, and it is the smaller problem."""
+    return 2 * n < d
 
 
 def _fit_group(X: Tensor, y: Tensor, *, C: float, balanced: bool, max_iter: int, tol: float, solver: str) -> BatchedProbe:
@@ -165,7 +171,7 @@ def _fit_group(X: Tensor, y: Tensor, *, C: float, balanced: bool, max_iter: int,
     Z = (X - mean[:, None]) / scale[:, None]
     n, d = Z.shape[1], Z.shape[2]
     basis = None
-    if 2 * n < d:  # the optimum lies in the span of the (centred) training rows: solve there, exactly
+    if _solve_in_row_span(n, d):
         basis, _ = torch.linalg.qr(Z.transpose(1, 2))  # (cell, d, n), orthonormal columns
         Z = torch.bmm(Z, basis)
     target = y.float()

@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from mechkit.errors import MechkitError
+from mechkit.models.cache import file_sha256
 from mechkit.models.registry import model_identity
 from mechkit.report.analyses import ANALYSES, Unit, display_name, resolve_settings
 from mechkit.report.page import index_html
@@ -55,7 +56,7 @@ def _file_digests(value) -> dict[str, str]:
         if isinstance(item, (dict, list)):
             digests.update(_file_digests(item))
         elif isinstance(item, str) and Path(item).expanduser().is_file():
-            digests[item] = hashlib.sha256(Path(item).expanduser().read_bytes()).hexdigest()[:16]
+            digests[item] = file_sha256(Path(item).expanduser())[:16]
     return digests
 
 
