@@ -180,18 +180,17 @@ def select_tasks(names: list[str], examples: int | None = None) -> list[Task]:
         raise MechkitError(f"examples must be at least 1, got {examples}")
     expanded = [t for name in names for t in (TASK_NAMES if name == "all" else [name])]
     tasks = []
+    seen: dict[str, str] = {}  # task name -> the name or file it came from
     for name in dict.fromkeys(expanded):
         task = as_task(name)
-        if examples is not None and examples < len(task):
-            task = Task(task.name, task.clean[:examples], task.answers[:examples], task.corrupted[:examples],
-                        task.corrupted_answers[:examples])
-        tasks.append(task)
-    seen: dict[str, str] = {}
-    for name, task in zip(dict.fromkeys(expanded), tasks):
         if task.name in seen:  # results are labelled (and saved) by task name: one would overwrite the other
             raise MechkitError(f"two tasks are both named {task.name!r} ({seen[task.name]!r} and {name!r}); "
                                "rename the task file")
         seen[task.name] = name
+        if examples is not None and examples < len(task):
+            task = Task(task.name, task.clean[:examples], task.answers[:examples], task.corrupted[:examples],
+                        task.corrupted_answers[:examples])
+        tasks.append(task)
     return tasks
 
 

@@ -127,8 +127,9 @@ def register_variant(suffix: str, maker: VariantMaker) -> None:
     """Let ``load_model("<model>+<suffix>[:<argument>]")`` build a variant of a model on first use.
 
     ``maker(base_name, argument)`` makes the variant, saves it in the cache and returns its folder;
-    later loads read the cache, unless what it was made from changed (:func:`variant_inputs`). Registered by the layer that owns the edit (``mechkit`` registers
-    ``"abliterated"`` from ``directions/``), so ``models/`` never imports it.
+    later loads read the cache, unless what it was made from changed (:func:`variant_inputs`).
+    Registered by the layer that owns the edit (``mechkit`` registers ``"abliterated"`` from
+    ``directions/``), so ``models/`` never imports it.
     """
     VARIANTS[suffix] = maker
 

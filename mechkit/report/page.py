@@ -50,9 +50,8 @@ def index_html(manifest: dict) -> str:
         units = [u for label, u in manifest["units"].items() if label.split("/")[0] == analysis]
         if not units:
             continue
-        anchor = analysis
-        nav.append(f'<a href="#{anchor}">{escape(ANALYSES[analysis].title)}</a>')
-        body = [f'<h2 id="{anchor}">{escape(ANALYSES[analysis].title)}</h2>',
+        nav.append(f'<a href="#{analysis}">{escape(ANALYSES[analysis].title)}</a>')
+        body = [f'<h2 id="{analysis}">{escape(ANALYSES[analysis].title)}</h2>',
                 f"<p>{escape(HOW_TO_READ.get(analysis, ''))}</p>"]
         for unit in units:
             body += [_figure(f) for f in unit["figures"]]
